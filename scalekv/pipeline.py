@@ -100,7 +100,7 @@ class VARPipeline:
         vae_cfg = VQVAEConfig(**{**vae_cfg.__dict__, "with_encoder": False})
         return cls(load_var(str(var_path), cfg), load_vqvae(str(vae_path), vae_cfg))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(
         self,
         labels,

@@ -192,7 +192,8 @@ class VAR(nn.Module):
 
     def logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (float32) for hidden states ``h`` (B, n, C) under the raw class condition (B, C)."""
-        return self.head(self.head_nm(h.float(), cond).float()).float()
+        dtype = self.head.weight.dtype  # float32 models compute the head in float32, as the official code does
+        return self.head(self.head_nm(h.to(dtype), cond.to(dtype))).float()
 
     def first_tokens(self, cond: torch.Tensor, lvl_pos: torch.Tensor) -> torch.Tensor:
         return cond.unsqueeze(1) + self.pos_start.expand(cond.shape[0], 1, -1) + lvl_pos[:, :1]
