@@ -64,6 +64,7 @@ class CacheLayout:
     scales: tuple[Scale, ...]
     rows: int  # batch rows held by the cache, CFG halves included
     cond_rows: int  # the first ``cond_rows`` rows are conditional, the rest unconditional
+    softmax_scale: float = 1.0  # the attention computes softmax(softmax_scale * q @ k^T) over what it is given
 
     @property
     def total_tokens(self) -> int:

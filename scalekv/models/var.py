@@ -216,7 +216,8 @@ class VAR(nn.Module):
     # -- cached inference, one scale at a time -----------------------------------------------------------------
     def cache_layout(self, rows: int, cond_rows: int) -> CacheLayout:
         cfg = self.cfg
-        return CacheLayout(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.scales, rows, cond_rows)
+        scale = self.blocks[0].attn.scale
+        return CacheLayout(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.scales, rows, cond_rows, softmax_scale=scale)
 
     def step(self, x: torch.Tensor, cond: torch.Tensor, block_cond: torch.Tensor, cache: KVCache, scale: Scale):
         """Run every block on the tokens ``x`` (rows, h*w, C) of ``scale`` against ``cache``; return logits."""

@@ -1,0 +1,1 @@
+"""Offline ASI calibration: which (layer, scale) pairs are drafters, and the plan built from it."""
