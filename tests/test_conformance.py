@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKERS = [importlib.import_module(f"tests.conformance.{name}") for name in ("var",)]
+CHECKERS = [importlib.import_module(f"tests.conformance.{name}") for name in ("var", "infinity")]
 
 
 def fixture_dirs() -> list[Path]:

@@ -1,9 +1,37 @@
 """KV caches: the storage and interface the models use, and the compression policies (one file each)."""
 
-from .base import CacheLayout, KVCache, LayerKV, Scale, make_scales
+# importing a policy's module registers it
+from .base import CacheLayout, KVCache, LayerKV, Scale, check_budget, make_scales
+from .h2o import H2O
+from .plan import Plan, load_plan, pyramid_plan, rule_plan, uniform_plan
+from .pyramidkv import PyramidKV
+from .random import RandomKeep
+from .registry import POLICIES, make_cache, register
+from .scalekv import ScaleKV
+from .sliding_window import SlidingWindow
+from .snapkv import SnapKV
+from .streaming_llm import StreamingLLM
 
-__all__ = ["CacheLayout", "KVCache", "LayerKV", "Scale", "make_scales"]
-
-from .registry import POLICIES, make_cache, register  # noqa: E402
-
-__all__ += ["POLICIES", "make_cache", "register"]
+__all__ = [
+    "CacheLayout",
+    "KVCache",
+    "LayerKV",
+    "Scale",
+    "check_budget",
+    "make_scales",
+    "Plan",
+    "load_plan",
+    "pyramid_plan",
+    "rule_plan",
+    "uniform_plan",
+    "POLICIES",
+    "make_cache",
+    "register",
+    "SlidingWindow",
+    "StreamingLLM",
+    "SnapKV",
+    "PyramidKV",
+    "H2O",
+    "RandomKeep",
+    "ScaleKV",
+]

@@ -13,10 +13,18 @@ Protocol (one cache object per generation, created by the caller):
 
 Policies override :meth:`KVCache.capacity` (tokens to keep) and :meth:`KVCache.select` (which tokens); the models
 never see a policy. Rows are ``[cond; uncond]`` under classifier-free guidance and are treated independently.
+
+Attention logits are ``layout.softmax_scale * q @ k^T``: the queries carry the learned scale, and the models with
+normalised q, k (VAR ``attn_l2_norm``, Infinity ``cos_attn``) attend with ``softmax_scale = 1``.
+
+Accounting lives here, computed from what the cache holds: current and peak KV bytes, retained tokens and bytes per
+layer after every scale, and the seconds spent compressing (``compress_seconds``).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -115,16 +123,39 @@ class LayerKV:
         return self.nbytes - before
 
 
+def check_budget(budget: float) -> float:
+    """Validate a KV budget fraction: a real number in (0, 1]; returns it as a float."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget={budget!r}: expected a fraction in (0, 1]")
+    if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget={budget!r}: expected a fraction in (0, 1]")
+    return float(budget)
+
+
 class KVCache:
-    """The full KV cache: keeps every token. Policies subclass it and override ``capacity`` and ``select``."""
+    """The full KV cache: keeps every token. Policies subclass it and override ``capacity`` and ``select``.
+
+    ``budget`` is the fraction of the prefix a policy keeps on average per layer (SPEC §4); the full cache accepts
+    only 1.0. Subclasses that compress set ``compresses = True``.
+    """
 
     name = "full"
+    compresses = False
 
-    def __init__(self) -> None:
+    def __init__(self, budget: float = 1.0) -> None:
+        self.budget = check_budget(budget)
+        if not self.compresses and self.budget != 1.0:
+            raise ValueError(
+                f"budget={budget!r}: the {self.name!r} cache keeps every token, expected 1.0 "
+                "(pick a compressing policy)"
+            )
         self.layout: CacheLayout | None = None
         self.layers: list[LayerKV] = []
         self.nbytes = 0
         self.peak_nbytes = 0
+        self.compress_seconds = 0.0
+        self.scale_lengths: list[list[int]] = []
+        self.scale_nbytes: list[list[int]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def reset(self, layout: CacheLayout) -> None:
@@ -133,6 +164,9 @@ class KVCache:
         self.layers = [LayerKV() for _ in range(layout.num_layers)]
         self.nbytes = 0
         self.peak_nbytes = 0
+        self.compress_seconds = 0.0
+        self.scale_lengths = [[0] * layout.num_layers for _ in layout.scales]
+        self.scale_nbytes = [[0] * layout.num_layers for _ in layout.scales]
         self.on_reset(layout)
 
     def on_reset(self, layout: CacheLayout) -> None:
@@ -152,19 +186,36 @@ class KVCache:
         return store.k, store.v
 
     def compress(self, layer: int, scale: Scale, q: torch.Tensor) -> None:
-        """Called right after the layer's attention at ``scale`` with the queries it used."""
-        if scale.is_last:
-            return  # the last scale's cache is never read again
+        """Called right after the layer's attention at ``scale`` with the queries it used: cut the layer's storage
+        to ``capacity(layer, scale)`` tokens (never after the last scale, whose cache is never read again)."""
         store = self.layers[layer]
-        cap = self.capacity(layer, scale)
-        if cap is None or store.length <= cap:
-            return
-        index = self.select(layer, scale, q, store, cap)
-        self.nbytes += store.keep(index)
+        if self.compresses and not scale.is_last:
+            sync = q.is_cuda
+            if sync:
+                torch.cuda.synchronize(q.device)
+            start = time.perf_counter()
+            self.observe(layer, scale, q, store)
+            cap = self.capacity(layer, scale)
+            if cap is not None and store.length > cap:
+                index = self.select(layer, scale, q, store, cap)
+                expected = (store.k.shape[0], store.k.shape[1], cap)
+                if tuple(index.shape) != expected:
+                    raise RuntimeError(f"{type(self).__name__}.select gave {tuple(index.shape)}, expected {expected}")
+                self.nbytes += store.keep(index)
+            if sync:
+                torch.cuda.synchronize(q.device)
+            self.compress_seconds += time.perf_counter() - start
+        self.scale_lengths[scale.index][layer] = store.length
+        self.scale_nbytes[scale.index][layer] = store.nbytes
 
     # -- what a policy overrides -------------------------------------------------------------------------------
+    def observe(self, layer: int, scale: Scale, q: torch.Tensor, store: LayerKV) -> None:
+        """Called at every scale but the last, before any selection, for policies that accumulate statistics."""
+
     def capacity(self, layer: int, scale: Scale) -> int | None:
-        """Tokens ``layer`` keeps for the scales after ``scale``; None keeps everything."""
+        """Tokens ``layer`` keeps for the scales after ``scale``; None keeps everything.
+
+        One number per layer: every head keeps the same count (per-head capacities would return one per head)."""
         return None
 
     def select(self, layer: int, scale: Scale, q: torch.Tensor, store: LayerKV, capacity: int) -> torch.Tensor:

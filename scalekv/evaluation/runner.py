@@ -1,0 +1,396 @@
+"""Generate with every (policy, budget) and the full cache, score against the full cache, and report.
+
+One process on a CPU or GPU; under ``torchrun`` (``WORLD_SIZE`` > 1) batch ``j`` belongs to rank ``j % world_size``,
+each rank generates and scores its own batches into the shared run folder, and rank 0 gathers the per-batch results
+with ``torch.distributed.gather_object`` and writes the reports. Work is resumable at batch granularity.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .config import EvalConfig
+from .storage import RunFolder, setup_name
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One row of the result table: a policy at a budget (the full cache has no budget)."""
+
+    policy: str
+    budget: float | None
+
+    @property
+    def name(self) -> str:
+        return setup_name(self.policy, self.budget)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.policy == "full"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Batch ``number``: images ``indices`` (consecutive), their class labels, and the seed of its generator."""
+
+    number: int
+    indices: list[int]
+    labels: list[int]
+    seed: int
+
+
+def make_batches(n: int, batch_size: int, seed: int, num_classes: int) -> list[Batch]:
+    """Split images ``0..n-1`` into batches of consecutive indices; image ``i`` gets label ``i % num_classes`` and
+    batch ``j`` the seed ``seed + j * batch_size`` (the index of its first image)."""
+    batches = []
+    for j, start in enumerate(range(0, n, batch_size)):
+        idx = list(range(start, min(start + batch_size, n)))
+        batches.append(Batch(j, idx, [i % num_classes for i in idx], seed + start))
+    return batches
+
+
+def resolve_setups(config: EvalConfig) -> list[Setup]:
+    """The full-cache reference first, then every policy at every budget, in the order given."""
+    from ..cache import POLICIES
+
+    names = list(POLICIES) if config.policies is None else list(config.policies)
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown cache policy {unknown}: expected names from {sorted(POLICIES)}")
+    bad_options = sorted(set(config.policy_options) - set(names))
+    if bad_options:
+        raise ValueError(f"policy_options for {bad_options}, which are not evaluated: expected some of {names}")
+    setups = [Setup("full", None)]
+    setups += [Setup(p, float(b)) for p in names if p != "full" for b in config.budgets]
+    return setups
+
+
+# -- processes and devices ---------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    """This process's place among the evaluation processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # whether this run initialised the process group (and so tears it down)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist(device_setting: str) -> Dist:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        owns = True
+    return Dist(rank, world, local, owns)
+
+
+def resolve_device(setting: str, d: Dist) -> torch.device:
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device: expected 'cpu' or 'auto'")
+        return torch.device("cuda", d.local_rank)
+    return torch.device(setting)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far, in bytes (monotone over the process's life)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_setup_cache(setup: Setup, config: EvalConfig):
+    """A new cache for ``setup``: the policy at its budget with ``config.policy_options[policy]``, where the text
+    ``{budget}`` inside a string option becomes the budget (e.g. ``plan: plans/demo_{budget}.json``)."""
+    from ..cache import make_cache
+
+    kwargs = {}
+    for key, value in config.policy_options.get(setup.policy, {}).items():
+        if isinstance(value, str) and setup.budget is not None:
+            value = value.replace("{budget}", f"{setup.budget:g}")
+        kwargs[key] = value
+    if setup.budget is not None:
+        kwargs["budget"] = setup.budget
+    return make_cache(setup.policy, **kwargs)
+
+
+# -- the passes ----------------------------------------------------------------------------------------------------
+def generate_batch(
+    pipe, setup: Setup, batch: Batch, config: EvalConfig, device: torch.device, rank: int = 0
+) -> tuple[Any, dict]:
+    """Generate one batch with a fresh cache of ``setup``; returns the generation and its record (per batch)."""
+    cache = make_setup_cache(setup, config)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    gen = pipe.generate(
+        batch.labels, cache=cache, cfg=config.cfg, top_k=config.top_k, top_p=config.top_p, seed=batch.seed
+    )
+    _sync(device)
+    seconds = time.perf_counter() - start
+    record = {
+        "rank": rank,
+        "indices": batch.indices,
+        "seed": batch.seed,
+        "images": len(batch.indices),
+        "seconds": seconds,
+        # KV bytes held right after the last scale (the compressed history plus the last scale's own keys/values),
+        # as `scalekv generate` reports them; for the whole batch, CFG rows included.
+        "kv_bytes_retained": int(gen.scales[-1].kv_bytes),
+        # KV bytes kept after the second-to-last scale: the history the last scale reads, what a budget limits.
+        "kv_bytes_history": int(gen.scales[-2].kv_bytes) if len(gen.scales) > 1 else 0,
+        "kv_bytes_full": int(gen.kv_bytes_full),
+        "kv_bytes_peak": int(gen.kv_bytes_peak),
+        "cuda_peak_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        "rss_peak_bytes": peak_rss_bytes(),
+    }
+    return gen, record
+
+
+def _bar(total: int, desc: str, d: Dist, config: EvalConfig):
+    return tqdm(total=total, desc=desc, unit="batch", disable=not (config.progress and d.is_main), leave=True)
+
+
+def generation_pass(
+    pipe,
+    folder: RunFolder,
+    setups: list[Setup],
+    batches: list[Batch],
+    config: EvalConfig,
+    device: torch.device,
+    d: Dist,
+) -> int:
+    """Generate every batch of this rank that has no record yet; returns how many batches were generated."""
+    todo = [(s, b) for s in setups for b in batches if not folder.record_path(s.name, b.number).is_file()]
+    if todo and config.warmup:
+        generate_batch(pipe, setups[0], batches[0], config, device)  # untimed: first-call allocations, kernels
+    with _bar(len(todo), "generate", d, config) as bar:
+        for setup, batch in todo:
+            bar.set_postfix_str(setup.name)
+            gen, record = generate_batch(pipe, setup, batch, config, device, d.rank)
+            folder.save_images(setup.name, batch.indices, gen.images)
+            folder.write_record(setup.name, batch.number, record)
+            bar.update()
+    return len(todo)
+
+
+@dataclass
+class Scorers:
+    """The optional metric models, built before generation so that a missing extra fails before hours of work."""
+
+    features: Any = None  # InceptionFeatures when FID is on
+    lpips: Any = None  # fn(reference, images) -> (N,) when LPIPS is on
+    lpips_label: str | None = None  # "lpips-alex" or "stlpips-alex"
+
+    @classmethod
+    def build(cls, config: EvalConfig, device: torch.device) -> Scorers:
+        from .metrics import InceptionFeatures, load_lpips
+
+        features = InceptionFeatures(device) if config.fid else None
+        label, lpips = load_lpips(config.lpips, device) if config.lpips else (None, None)
+        return cls(features, lpips, label)
+
+
+def metric_pass(
+    folder: RunFolder, setups: list[Setup], batches: list[Batch], config: EvalConfig, scorers: Scorers, d: Dist
+) -> int:
+    """Score every batch of this rank that has no scores yet against the full cache's images."""
+    from .metrics import psnr_ssim
+
+    todo = [(s, b) for s in setups for b in batches if not folder.scores_path(s.name, b.number).is_file()]
+    features, lpips_fn = scorers.features, scorers.lpips
+    with _bar(len(todo), "score", d, config) as bar:
+        for setup, batch in todo:
+            bar.set_postfix_str(setup.name)
+            images = folder.load_images(setup.name, batch.indices)
+            scores: dict[str, np.ndarray] = {"indices": np.asarray(batch.indices, dtype=np.int64)}
+            if features is not None:
+                scores["features"] = features(images)
+            if not setup.is_reference:
+                reference = folder.load_images("full", batch.indices)
+                scores["psnr"], scores["ssim"] = psnr_ssim(reference, images)
+                scores["identical"] = (images == reference).flatten(1).all(dim=1).numpy()
+                if lpips_fn is not None:
+                    scores["lpips"] = lpips_fn(reference, images).numpy()
+            folder.write_scores(setup.name, batch.number, scores)
+            bar.update()
+    return len(todo)
+
+
+def gather(
+    folder: RunFolder, setups: list[Setup], batches: list[Batch], d: Dist
+) -> dict[str, list[tuple[dict, dict]]] | None:
+    """Collect every rank's (record, scores) per setup on rank 0, ordered by batch; None on other ranks."""
+    mine = {
+        s.name: {
+            b.number: (folder.read_record(s.name, b.number), folder.read_scores(s.name, b.number)) for b in batches
+        }
+        for s in setups
+    }
+    if d.world_size == 1:
+        parts = [mine]
+    else:
+        parts = [None] * d.world_size if d.is_main else None
+        dist.gather_object(mine, parts, dst=0)
+    if not d.is_main:
+        return None
+    merged: dict[str, list[tuple[dict, dict]]] = {}
+    for s in setups:
+        by_batch = {}
+        for part in parts:
+            by_batch.update(part[s.name])
+        merged[s.name] = [by_batch[j] for j in sorted(by_batch)]
+    return merged
+
+
+def _per_image(total: int, images: int) -> int | float:
+    """Bytes per image: an int when the batch total divides evenly (it does: KV bytes scale with the rows)."""
+    return total // images if total % images == 0 else total / images
+
+
+def _mean(values: list[np.ndarray]) -> float:
+    return float(np.concatenate(values).mean())
+
+
+def summarize(
+    setups: list[Setup], results: dict[str, list[tuple[dict, dict]]], config: EvalConfig, lpips_label: str | None
+) -> list[dict]:
+    """One row per setup. KV bytes and time are per image; fidelity is against the full cache's images."""
+    from .metrics import frechet_distance
+
+    ref_scores = [sc for _, sc in results["full"]]
+    rows = []
+    for s in setups:
+        recs = [r for r, _ in results[s.name]]
+        scores = [sc for _, sc in results[s.name]]
+        n = sum(r["images"] for r in recs)
+        per_image = {
+            key: _per_image(sum(r[key] for r in recs), n)
+            for key in ("kv_bytes_retained", "kv_bytes_history", "kv_bytes_full")
+        }
+        cuda = [r["cuda_peak_bytes"] for r in recs if r["cuda_peak_bytes"] is not None]
+        row: dict[str, Any] = {
+            "policy": s.policy,
+            "budget": s.budget,
+            "n": n,
+            "psnr": None,
+            "ssim": None,
+            "fid": None,
+            "lpips": None,
+            "lpips_kind": None,
+            "identical": None,
+            "kv_bytes_retained": per_image["kv_bytes_retained"],
+            "kv_bytes_full": per_image["kv_bytes_full"],
+            "kv_retained_ratio": per_image["kv_bytes_retained"] / per_image["kv_bytes_full"],
+            "kv_bytes_history": per_image["kv_bytes_history"],
+            "kv_bytes_peak": max(_per_image(r["kv_bytes_peak"], r["images"]) for r in recs),
+            "cuda_peak_bytes": max(cuda) if cuda else None,
+            "rss_peak_bytes": max(r["rss_peak_bytes"] for r in recs),
+            "seconds_per_image": sum(r["seconds"] for r in recs) / n,
+        }
+        if not s.is_reference:
+            row["psnr"] = _mean([sc["psnr"] for sc in scores])
+            row["ssim"] = _mean([sc["ssim"] for sc in scores])
+            row["identical"] = _mean([sc["identical"].astype(np.float64) for sc in scores])
+            if lpips_label is not None:
+                row["lpips"] = _mean([sc["lpips"] for sc in scores])
+                row["lpips_kind"] = lpips_label
+            if config.fid:
+                ref = np.concatenate([sc["features"] for sc in ref_scores])
+                fid = frechet_distance(ref, np.concatenate([sc["features"] for sc in scores]))
+                row["fid"] = max(fid, 0.0)  # a squared distance; round-off makes identical sets come out at -1e-12
+        rows.append(row)
+    return rows
+
+
+def _on_main_then_all(d: Dist, action) -> None:
+    """Run ``action`` on rank 0; if it raised ValueError, raise the same message on every rank."""
+    error = None
+    if d.is_main:
+        try:
+            action()
+        except ValueError as e:
+            error = str(e)
+    if d.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ValueError(error)
+
+
+def run_eval(config: EvalConfig, pipeline=None) -> list[dict] | None:
+    """Run the evaluation described by ``config``; returns the rows on rank 0 (None on other ranks).
+
+    ``pipeline`` is a loaded pipeline (tests); by default ``config.model`` is loaded with ``config.weights``.
+    """
+    from .report import write_reports
+
+    setups = resolve_setups(config)
+    for setup in setups:
+        make_setup_cache(setup, config)  # bad options fail now, not after hours of generation
+    d = init_dist(config.device)
+    try:
+        device = resolve_device(config.device, d)
+        folder = RunFolder(config.out)
+        policies = list(dict.fromkeys(s.policy for s in setups))
+        identity = {**config.identity(), "policies": policies, "device": device.type}
+        _on_main_then_all(d, lambda: folder.check(identity))  # refuse a foreign folder before loading anything
+
+        if pipeline is None:
+            from ..hub import load_pipeline
+
+            pipeline = load_pipeline(config.model, config.weights)
+        pipe = pipeline.to(device)
+        num_classes = getattr(getattr(getattr(pipe, "model", None), "cfg", None), "num_classes", None)
+        if not isinstance(num_classes, int):
+            raise ValueError(f"model {config.model!r} is not class-conditional: the evaluation needs class labels")
+        batches = make_batches(config.n, config.batch_size, config.seed, num_classes)
+        mine = [b for b in batches if b.number % d.world_size == d.rank]
+        scorers = Scorers.build(config, device)
+        _on_main_then_all(d, lambda: folder.claim(identity))  # the model and metrics loaded: the folder is ours
+
+        generation_pass(pipe, folder, setups, mine, config, device, d)
+        if d.world_size > 1:
+            dist.barrier()  # every reference image exists before anyone scores against it
+        metric_pass(folder, setups, mine, config, scorers, d)
+        results = gather(folder, setups, mine, d)
+        rows = None
+        if d.is_main:
+            rows = summarize(setups, results, config, scorers.lpips_label)
+            write_reports(folder, rows, setups, config)
+        if d.world_size > 1:
+            dist.barrier()
+        return rows
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,135 @@
+"""The run folder: its layout, atomic writes, and the check that a rerun belongs to it.
+
+Layout (``<setup>`` is ``full`` or ``<policy>_b<budget>``, ``<j>`` a 6-digit batch number, ``<i>`` an image index)::
+
+    config.json                     the settings that decide images and numbers (compared on every rerun)
+    images/<setup>/<i>.png          generated images, uint8 RGB
+    records/<setup>/batch_<j>.json  written after the batch's images: time, KV bytes, memory (marks the batch done)
+    scores/<setup>/batch_<j>.npz    per-image metrics (and Inception features) of the batch
+    metrics.json, metrics.csv, metrics.md, plots/*.png, grids/*.png
+
+Every file is written to a temporary name in its folder and renamed into place, so an interrupted run leaves no
+half-written file behind, and a batch counts as done only once its record exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+
+
+def setup_name(policy: str, budget: float | None) -> str:
+    """Folder name of one (policy, budget) pair: ``full`` or e.g. ``snapkv_b0.1``."""
+    return policy if budget is None else f"{policy}_b{budget:g}"
+
+
+class RunFolder:
+    """Paths and reads/writes of one evaluation run folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    def claim(self, identity: dict[str, Any]) -> None:
+        """Make the folder this run's: :meth:`check` it, then write ``config.json`` if it is not there yet."""
+        if not self.check(identity):
+            atomic_write_json(self.config_path, identity)
+
+    def check(self, identity: dict[str, Any]) -> bool:
+        """True if the folder holds a run with ``identity``, False if it is new or empty.
+
+        Raises ValueError when the folder holds a different run or files that are not a run's.
+        """
+        if self.config_path.is_file():
+            saved = json.loads(self.config_path.read_text())
+            if saved != identity:
+                diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+                detail = ", ".join(f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in diff)
+                raise ValueError(
+                    f"--out {str(self.root)!r} holds a run with different settings ({detail}); "
+                    "expected the same settings to resume it, or a new folder"
+                )
+            return True
+        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+            raise ValueError(
+                f"--out {str(self.root)!r} exists and is not an evaluation run (no config.json): "
+                "expected a new or empty folder"
+            )
+        return False
+
+    # -- images --------------------------------------------------------------------------------------------------
+    def image_path(self, setup: str, index: int) -> Path:
+        return self.root / "images" / setup / f"{index:06d}.png"
+
+    def save_images(self, setup: str, indices: list[int], images: torch.Tensor) -> None:
+        """Save ``images`` ``(B, 3, H, W)`` float in [0, 1] as uint8 PNGs named by ``indices``."""
+        arr = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for index, a in zip(indices, arr, strict=True):
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
+            atomic_write_bytes(self.image_path(setup, index), buf.getvalue())
+
+    def load_images(self, setup: str, indices: list[int]) -> torch.Tensor:
+        """Read the PNGs of ``indices`` as uint8 ``(B, 3, H, W)``."""
+        arrays = []
+        for index in indices:
+            path = self.image_path(setup, index)
+            if not path.is_file():
+                raise FileNotFoundError(f"image {str(path)!r} is missing: the run folder was changed by hand")
+            with Image.open(path) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    # -- per-batch records and scores ----------------------------------------------------------------------------
+    def record_path(self, setup: str, batch: int) -> Path:
+        return self.root / "records" / setup / f"batch_{batch:06d}.json"
+
+    def scores_path(self, setup: str, batch: int) -> Path:
+        return self.root / "scores" / setup / f"batch_{batch:06d}.npz"
+
+    def write_record(self, setup: str, batch: int, record: dict[str, Any]) -> None:
+        atomic_write_json(self.record_path(setup, batch), record)
+
+    def read_record(self, setup: str, batch: int) -> dict[str, Any]:
+        return json.loads(self.record_path(setup, batch).read_text())
+
+    def write_scores(self, setup: str, batch: int, scores: dict[str, np.ndarray]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **scores)
+        atomic_write_bytes(self.scores_path(setup, batch), buf.getvalue())
+
+    def read_scores(self, setup: str, batch: int) -> dict[str, np.ndarray]:
+        with np.load(self.scores_path(setup, batch)) as z:
+            return {k: z[k] for k in z.files}

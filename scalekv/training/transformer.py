@@ -1,0 +1,221 @@
+"""Training the class-conditional VAR on a trained tokenizer's tokens, and exporting the demo model.
+
+The training set is tokenised once (``tokens.pt`` in the run folder, ``(N, L)`` int16). Each step rebuilds the
+teacher-forcing inputs with :meth:`MultiScaleQuantizer.teacher_inputs`, replaces labels by the null class with
+probability ``cond_drop`` (so classifier-free guidance works), and minimises the mean cross-entropy over all ``L``
+tokens of :meth:`VAR.forward` under the block-causal mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..checkpoint import save_state_file
+from ..models.var import VAR, VARConfig
+from ..models.vqvae import VQVAE, VQVAEConfig
+from .common import (
+    OptimConfig,
+    Run,
+    batch_indices,
+    config_from_json,
+    config_to_json,
+    make_adamw,
+    set_lr,
+    step_generator,
+    write_text_atomic,
+)
+
+
+def _load_run_model(run_dir: str | Path, stage: str, cls_cfg, cls_model):
+    folder = Path(run_dir)
+    cfg_path, ckpt = folder / "config.json", folder / "last.pt"
+    if not cfg_path.is_file() or not ckpt.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a trained {stage} run (expected config.json and last.pt)")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("stage") != stage:
+        raise ValueError(f"{str(folder)!r} is a {meta.get('stage')!r} run, expected a {stage!r} run")
+    model = cls_model(config_from_json(cls_cfg, meta["model"]))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.eval(), int(state["step"]), float(state["seconds"])
+
+
+def load_tokenizer_run(run_dir: str | Path) -> VQVAE:
+    """The tokenizer of a ``scalekv train tokenizer`` run folder (its latest checkpoint), in eval mode."""
+    return _load_run_model(run_dir, "tokenizer", VQVAEConfig, VQVAE)[0]
+
+
+def load_var_run(run_dir: str | Path) -> VAR:
+    """The VAR of a ``scalekv train var`` run folder (its latest checkpoint), in eval mode."""
+    return _load_run_model(run_dir, "var", VARConfig, VAR)[0]
+
+
+@torch.no_grad()
+def tokenize(vae: VQVAE, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Token ids of every scale, concatenated scale-major: ``(N, L)`` int16 for images ``(N, C, H, W)``."""
+    if vae.cfg.vocab_size > 2**15:
+        raise ValueError(f"vocab_size {vae.cfg.vocab_size} does not fit int16 token storage")
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        idx = vae.img_to_idx(images[i : i + batch_size])
+        out.append(torch.cat(idx, dim=1).to(torch.int16))
+    return torch.cat(out)
+
+
+def split_scales(tokens: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
+    """``(B, L)`` concatenated ids -> per-scale ``(B, pn*pn)`` int64 ids."""
+    return list(tokens.long().split([p * p for p in patch_nums], dim=1))
+
+
+def init_var_for_training(model: VAR, std: float | None = None) -> None:
+    """VAR's training initialisation: truncated-normal linears/embeddings (std ``sqrt(1/(3C))``), zero biases,
+    output projections scaled by ``1/sqrt(2 depth)``, a small head, and AdaLN gammas starting near zero (the
+    gamma rows of ``ada_lin`` scaled by 1e-5 with zero bias), so every block starts close to the identity."""
+    c, depth = model.cfg.embed_dim, model.cfg.depth
+    std = std if std is not None else (1 / c / 3) ** 0.5
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.Embedding):
+            torch.nn.init.trunc_normal_(m.weight, std=std)
+    with torch.no_grad():
+        model.head.weight.mul_(0.02)
+        for block in model.blocks:
+            block.attn.proj.weight.div_((2 * depth) ** 0.5)
+            block.ffn.fc2.weight.div_((2 * depth) ** 0.5)
+            if not model.cfg.shared_aln:
+                lin = block.ada_lin[-1]
+                lin.weight[: 2 * c].mul_(1e-5)
+                lin.weight[2 * c :].mul_(0.5)
+        model.head_nm.ada_lin[-1].weight.mul_(0.5)
+
+
+def _tokens_for(run: Run, vae: VQVAE, images: torch.Tensor) -> torch.Tensor:
+    """Tokenise ``images`` once per run; the cache is keyed by the tokenizer's weights and the image count."""
+    key = float(sum(p.detach().double().sum() for p in vae.parameters()))
+    path = run.folder / "tokens.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["key"] == key and saved["tokens"].shape[0] == images.shape[0]:
+            return saved["tokens"]
+        raise ValueError(f"{str(path)!r} was made with another tokenizer or data set; use a new --run folder")
+    tokens = tokenize(vae, images)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "tokens": tokens}, tmp)
+    os.replace(tmp, path)
+    return tokens
+
+
+def var_loss(model: VAR, vae: VQVAE, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-scale cross-entropy of ``model`` on concatenated ids ``tokens`` (B, L) for ``labels`` (B,)."""
+    idx = split_scales(tokens, model.cfg.patch_nums)
+    with torch.no_grad():
+        x = vae.quantize.teacher_inputs(idx)  # (B, L - 1, Cvae)
+    logits = model(labels, x)  # (B, L, V)
+    target = torch.cat(idx, dim=1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def train_var(
+    cfg: VARConfig,
+    opt_cfg: OptimConfig,
+    vae: VQVAE,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    run_dir: str | Path,
+    *,
+    cond_drop: float = 0.1,
+    save_every: int = 100,
+    progress: bool = True,
+) -> VAR:
+    """Train (or resume) a VAR on the tokens of ``images`` (N, C, H, W) with ``labels`` (N,); returns it in eval."""
+    if (cfg.vocab_size, cfg.z_channels, tuple(cfg.patch_nums)) != (
+        vae.cfg.vocab_size,
+        vae.cfg.z_channels,
+        tuple(vae.cfg.patch_nums),
+    ):
+        raise ValueError(f"VAR config {cfg} does not match the tokenizer's vocabulary/code channels/patch_nums")
+    if not 0 <= cond_drop < 1:
+        raise ValueError(f"cond_drop={cond_drop}: expected a probability in [0, 1)")
+    if labels.min() < 0 or labels.max() >= cfg.num_classes:
+        raise ValueError(f"labels span [{labels.min()}, {labels.max()}], expected ids in [0, {cfg.num_classes - 1}]")
+    torch.manual_seed(opt_cfg.seed)
+    model = VAR(cfg)
+    init_var_for_training(model)
+    run = Run(
+        run_dir,
+        {
+            "stage": "var",
+            "model": config_to_json(cfg),
+            "optim": config_to_json(opt_cfg),
+            "cond_drop": cond_drop,
+            "examples": int(images.shape[0]),
+        },
+    )
+    vae = vae.eval().requires_grad_(False)
+    tokens = _tokens_for(run, vae, images)
+    opt = make_adamw(model, opt_cfg)
+    start, seconds, _ = run.resume(model, opt)
+    model.train()
+    bar = tqdm(
+        range(start, opt_cfg.steps),
+        initial=start,
+        total=opt_cfg.steps,
+        disable=not progress,
+        desc="var",
+        dynamic_ncols=True,
+    )
+    t0, ema = time.perf_counter() - seconds, None
+    for step in bar:
+        set_lr(opt, opt_cfg.lr_at(step))
+        sel = batch_indices(tokens.shape[0], opt_cfg.batch_size, step, opt_cfg.seed)
+        y = labels[sel].clone()
+        drop = torch.rand(y.shape, generator=step_generator(opt_cfg.seed, step)) < cond_drop
+        y[drop] = cfg.num_classes
+        loss = var_loss(model, vae, tokens[sel], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        done = step + 1
+        if progress:
+            bar.set_postfix(loss=f"{loss.item():.3f}", ema=f"{ema:.3f}")
+        if done % save_every == 0 or done == opt_cfg.steps:
+            run.log(f"step {done} loss {loss.item():.4f} ema {ema:.4f} ({time.perf_counter() - t0:.0f} s)")
+            run.save(model, opt, done, time.perf_counter() - t0)
+    return model.eval()
+
+
+def export_demo(tokenizer_run: str | Path, var_run: str | Path, out: str | Path) -> list[Path]:
+    """Write ``var.safetensors``, ``vae.safetensors`` (decoder side only, float32) and ``config.json`` into ``out``:
+    the folder :func:`scalekv.hub.load_pipeline` reads for ``"demo"``."""
+    vae, vae_step, vae_sec = _load_run_model(tokenizer_run, "tokenizer", VQVAEConfig, VQVAE)
+    var, var_step, var_sec = _load_run_model(var_run, "var", VARConfig, VAR)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    vae_state = {k: v for k, v in vae.state_dict().items() if not k.startswith(("encoder.", "quant_conv."))}
+    meta = {
+        "var": config_to_json(var.cfg),
+        "vae": {**config_to_json(vae.cfg), "with_encoder": False},
+        "training": {
+            "tokenizer_steps": vae_step,
+            "tokenizer_seconds": round(vae_sec),
+            "var_steps": var_step,
+            "var_seconds": round(var_sec),
+        },
+    }
+    paths = [folder / "var.safetensors", folder / "vae.safetensors", folder / "config.json"]
+    save_state_file(var.state_dict(), paths[0])
+    save_state_file(vae_state, paths[1])
+    write_text_atomic(paths[2], json.dumps(meta, indent=1) + "\n")
+    return paths

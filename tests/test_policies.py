@@ -1,0 +1,358 @@
+"""Every registered cache policy against the same matrix of behaviours (adding a policy adds one line to CASES)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scalekv.cache import POLICIES, CacheLayout, KVCache, make_cache, make_scales
+from scalekv.cache.plan import PLANS_DIR, average_capacity, first_compressed_scale
+from scalekv.cache.policy import keep_top
+from scalekv.cache.scalekv import grid_window
+from scalekv.cli import main
+
+from .helpers import tiny_pipeline
+
+RELEASED_2B = PLANS_DIR / "infinity_2b_10pct.json"
+
+
+@dataclass(frozen=True)
+class Case:
+    kwargs: dict = field(default_factory=dict)  # what the policy needs beyond budget
+    data_dependent: bool = True  # its choice depends on the keys/queries (not only on positions)
+
+
+CASES: dict[str, Case] = {
+    "full": Case(data_dependent=False),
+    "sliding_window": Case(data_dependent=False),
+    "streaming_llm": Case({"sinks": 2}, data_dependent=False),
+    "snapkv": Case(),
+    "pyramidkv": Case(),
+    "h2o": Case(),
+    "random": Case({"seed": 3}),
+    "scalekv": Case({"drafters": [0]}),
+}
+COMPRESSING = [name for name in CASES if POLICIES[name].compresses]
+BUDGETS = [0.3, 0.1, 0.01]  # 0.01 keeps one token per layer: below every observation window
+
+# a synthetic schedule: non-square maps, maps smaller than the 4x4 window grid, a single-row map
+ODD_SIZES = [(1, 1), (2, 3), (3, 2), (1, 5), (5, 7), (4, 4)]
+
+
+def build(name: str, budget: float) -> KVCache:
+    return make_cache(name, budget=budget, **CASES[name].kwargs)
+
+
+def layout(rows: int = 2, sizes=ODD_SIZES, layers: int = 3, heads: int = 2, head_dim: int = 8) -> CacheLayout:
+    return CacheLayout(layers, heads, head_dim, make_scales(sizes), rows, rows // 2 or 1)
+
+
+def drive(cache: KVCache, lay: CacheLayout, data: dict[str, torch.Tensor]) -> list[dict]:
+    """Run the attention-side protocol over every scale and layer with given q/k/v ``(rows, heads, total, D)``,
+    checking each selection; returns one record per compression: layer, scale, capacity, kept indices."""
+    cache.reset(lay)
+    records = []
+    select = cache.select
+
+    def spy(layer, scale, q, store, capacity):
+        index = select(layer, scale, q, store, capacity)
+        records.append(
+            {
+                "layer": layer,
+                "scale": scale.index,
+                "capacity": capacity,
+                "length": store.length,
+                "index": index,
+                "k": store.k.clone(),
+                "v": store.v.clone(),
+            }
+        )
+        return index
+
+    cache.select = spy
+    for scale in lay.scales:
+        part = slice(scale.start, scale.end)
+        for layer in range(lay.num_layers):
+            q, k, v = (data[n][:, :, part] + layer for n in ("q", "k", "v"))
+            k_all, _ = cache.update(layer, scale, q, k, v)
+            n_before = len(records)
+            cache.compress(layer, scale, q)
+            if len(records) > n_before:  # the store now holds exactly the selected tokens
+                r = records[-1]
+                gather = r["index"].unsqueeze(-1).expand(-1, -1, -1, lay.head_dim)
+                assert torch.equal(cache.layers[layer].k, r["k"].gather(2, gather))
+                assert torch.equal(cache.layers[layer].v, r["v"].gather(2, gather))
+    del cache.select
+    return records
+
+
+def random_data(lay: CacheLayout, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (lay.rows, lay.num_heads, lay.total_tokens, lay.head_dim)
+    return {n: torch.randn(shape, generator=g) for n in ("q", "k", "v")}
+
+
+def test_matrix_covers_every_registered_policy():
+    assert set(CASES) == set(POLICIES)
+
+
+# -- generation with the tiny VAR ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(depth=4)
+
+
+@pytest.fixture(scope="module")
+def full_run(pipe):
+    return pipe.generate([1, 7], seed=11, cfg=2.0, top_k=20, top_p=0.9)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_budget_one_is_bit_identical_to_the_full_cache(pipe, full_run, name):
+    cache = build(name, 1.0)
+    gen = pipe.generate([1, 7], seed=11, cfg=2.0, top_k=20, top_p=0.9, cache=cache)
+    assert torch.equal(gen.tokens, full_run.tokens)
+    assert torch.equal(gen.images, full_run.images)
+    assert gen.kv_bytes_peak == full_run.kv_bytes_peak == gen.kv_bytes_full
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_generation_retains_exactly_the_planned_capacity(pipe, name, budget):
+    cache = build(name, budget)
+    gen = pipe.generate([1, 7], seed=11, cfg=2.0, top_k=20, top_p=0.9, cache=cache)
+    lay = cache.layout
+    avg = average_capacity(budget, lay.scales)
+    assert avg == round(budget * (lay.scales[-1].start))
+    first = first_compressed_scale(lay.scales, avg)
+    caps = cache.plan.capacities
+    per_token = 2 * lay.rows * lay.num_heads * lay.head_dim * 4  # K and V, float32
+    for scale, rec in zip(lay.scales, gen.scales, strict=True):
+        assert rec.cache_lengths == list(caps[scale.index]) == cache.scale_lengths[scale.index]
+        assert cache.scale_nbytes[scale.index] == [n * per_token for n in caps[scale.index]]
+        assert rec.kv_bytes == sum(caps[scale.index]) * per_token
+        if scale.is_last:
+            assert rec.cache_lengths == [c + scale.length for c in caps[scale.index - 1]]
+        elif scale.index >= first:
+            assert abs(sum(rec.cache_lengths) / lay.num_layers - avg) <= 1
+        else:
+            assert rec.cache_lengths == [scale.end] * lay.num_layers
+    assert cache.compress_seconds > 0
+    assert gen.kv_bytes_peak == expected_peak(caps, lay) * per_token < gen.kv_bytes_full
+
+
+def expected_peak(caps, lay: CacheLayout) -> int:
+    """Tokens held at the fullest moment: layer l of scale k has just appended its map, layers before it are
+    already cut for scale k, layers after it still hold what scale k-1 left."""
+    peak, before = 0, [0] * lay.num_layers
+    for scale in lay.scales:
+        for layer in range(lay.num_layers):
+            held = sum(caps[scale.index][:layer]) + before[layer] + scale.length + sum(before[layer + 1 :])
+            peak = max(peak, held)
+        before = list(caps[scale.index])
+    return peak
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_state_survives_between_generations(pipe, name):
+    cache = build(name, 0.2 if POLICIES[name].compresses else 1.0)
+    a = pipe.generate([2, 5], seed=4, top_k=20, cache=cache)
+    other = pipe.generate([9], seed=8, top_k=20, cache=cache)  # different rows in between
+    b = pipe.generate([2, 5], seed=4, top_k=20, cache=cache)
+    fresh = pipe.generate([2, 5], seed=4, top_k=20, cache=build(name, 0.2 if POLICIES[name].compresses else 1.0))
+    assert other.images.shape[0] == 1
+    for run in (b, fresh):
+        assert torch.equal(a.images, run.images)
+        assert [r.cache_lengths for r in a.scales] == [r.cache_lengths for r in run.scales]
+        assert a.kv_bytes_peak == run.kv_bytes_peak
+
+
+# -- the protocol on an odd schedule ---------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_selection_on_non_square_and_tiny_maps(name, budget):
+    lay = layout()
+    cache = build(name, budget)
+    records = drive(cache, lay, random_data(lay))
+    assert records, "a budget below 1 must compress"
+    caps = cache.plan.capacities
+    for r in records:
+        index = r["index"]
+        assert index.shape == (lay.rows, lay.num_heads, r["capacity"]) and index.dtype == torch.int64
+        assert r["capacity"] == caps[r["scale"]][r["layer"]] < r["length"]
+        assert bool((index[..., 1:] > index[..., :-1]).all()), "indices must be strictly increasing (sorted, unique)"
+        assert int(index.min()) >= 0 and int(index.max()) < r["length"]
+    assert all(r["scale"] != len(lay.scales) - 1 for r in records), "the last scale is never compressed"
+    assert [s.length for s in cache.layers] == list(caps[-1])
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_cfg_rows_select_independently(name):
+    lay = layout(rows=2)
+    base = random_data(lay, seed=1)
+    changed = {n: t.clone() for n, t in base.items()}
+    for t in changed.values():
+        t[1] = torch.randn(t[1].shape, generator=torch.Generator().manual_seed(9))
+    a = drive(build(name, 0.2), lay, base)
+    b = drive(build(name, 0.2), lay, changed)
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):  # the uncond row changed: the cond row's choice does not
+        assert torch.equal(ra["index"][0], rb["index"][0])
+    if CASES[name].data_dependent:  # and the rows do make their own choices
+        assert any(not torch.equal(r["index"][0], r["index"][1]) for r in a)
+        swapped = drive(build(name, 0.2), lay, {n: t.flip(0) for n, t in base.items()})
+        if name != "random":  # random draws by position, not by data
+            for ra, rs in zip(a, swapped, strict=True):
+                assert torch.equal(ra["index"], rs["index"].flip(0))
+
+
+@pytest.mark.parametrize(
+    "h, w, grid", [(1, 1, 4), (2, 3, 4), (3, 2, 4), (1, 7, 4), (4, 4, 4), (5, 7, 4), (8, 8, 4), (64, 40, 4), (9, 6, 3)]
+)
+def test_grid_window_takes_one_centre_per_cell(h, w, grid):
+    win = grid_window(h, w, grid)
+    rows, cols = win // w, win % w
+    assert win.numel() == min(h, grid) * min(w, grid) == len(set(win.tolist()))
+    assert bool((win[1:] > win[:-1]).all()) and int(win.max()) < h * w
+    for pos, side in ((rows, h), (cols, w)):
+        chosen = set(pos.tolist())
+        assert len(chosen) == min(side, grid)
+        for c in range(grid):  # cell c covers [c*side//grid, (c+1)*side//grid); its middle token is chosen
+            lo, hi = c * side // grid, (c + 1) * side // grid
+            assert {i for i in chosen if lo <= i < hi} == ({lo + (hi - lo) // 2} if hi > lo else set())
+
+
+def test_scalekv_keeps_its_window_and_uses_the_real_queries():
+    """The grid-window tokens of the current map survive, and the scores are those of the queries passed in."""
+    lay = layout(rows=2, sizes=[(1, 1), (2, 2), (6, 5), (8, 8)], layers=2)
+    data = random_data(lay, seed=5)
+    records = drive(make_cache("scalekv", budget=0.3, drafters=[]), lay, data)
+    scale = lay.scales[2]
+    window = grid_window(scale.h, scale.w, 4)
+    for r in records:
+        if r["scale"] == 2 and r["capacity"] >= window.numel():
+            forced = window + (r["length"] - scale.length)
+            assert bool(torch.isin(forced, r["index"]).all())
+    # scaling the queries changes the softmax, so the choice changes
+    louder = dict(data, q=data["q"] * 8)
+    again = drive(make_cache("scalekv", budget=0.3, drafters=[]), lay, louder)
+    assert any(not torch.equal(a["index"], b["index"]) for a, b in zip(records, again, strict=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(1, 40),
+    data=st.data(),
+)
+def test_keep_top_invariants(length, data):
+    capacity = data.draw(st.integers(1, length))
+    forced = data.draw(st.lists(st.integers(0, length - 1), unique=True, max_size=length))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    scores = torch.randn(2, 3, length, generator=g)
+    index = keep_top(scores, capacity, torch.tensor(forced, dtype=torch.int64))
+    assert index.shape == (2, 3, capacity)
+    assert bool((index[..., 1:] > index[..., :-1]).all()) and int(index.min()) >= 0 and int(index.max()) < length
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+    is_forced = torch.zeros(length, dtype=torch.bool)
+    is_forced[forced] = True
+    if len(forced) >= capacity:  # only forced tokens, the best of them
+        assert not bool((kept & ~is_forced).any())
+        best = scores[..., forced].topk(capacity, dim=-1).values.min(-1).values
+        assert bool((scores.masked_fill(~kept, math.inf).amin(-1) >= best).all())
+    else:  # every forced token, then the best of the rest
+        assert bool(kept[..., is_forced].all())
+        free_kept = scores.masked_fill(~kept | is_forced, math.inf).amin(-1)
+        free_dropped = scores.masked_fill(kept | is_forced, -math.inf).amax(-1)
+        assert bool((free_kept >= free_dropped).all())
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, float("nan"), float("inf"), "0.1", True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_budget_is_one_clear_error(name, budget):
+    with pytest.raises(ValueError, match=r"budget=.*expected"):
+        build(name, budget)
+
+
+def test_other_bad_arguments():
+    with pytest.raises(ValueError, match="unknown cache policy 'lru'"):
+        make_cache("lru", budget=0.1)
+    with pytest.raises(ValueError, match="keeps every token"):
+        make_cache("full", budget=0.5)
+    with pytest.raises(ValueError, match="needs budget"):
+        make_cache("snapkv")
+    with pytest.raises(ValueError, match=r"takes no argument\(s\) \['plan'\]"):
+        make_cache("snapkv", budget=0.1, plan="x.json")
+    with pytest.raises(ValueError, match="exactly one of plan"):
+        make_cache("scalekv", budget=0.1)
+    with pytest.raises(ValueError, match="pooling='median'"):
+        make_cache("snapkv", budget=0.1, pooling="median")
+    with pytest.raises(ValueError, match="kernel=4"):
+        make_cache("scalekv", budget=0.1, drafters=[0], kernel=4)
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def cli_pipe(monkeypatch, pipe):
+    monkeypatch.setattr("scalekv.hub.load_pipeline", lambda name, weights=None: pipe)
+    return pipe
+
+
+def test_cli_generate_writes_images_and_stats(cli_pipe, tmp_path):
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--labels",
+            "1,2",
+            "--policy",
+            "snapkv",
+            "--budget",
+            "0.1",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert sorted(p.name for p in out.glob("*.png")) == stats["images"] and len(stats["images"]) == 2
+    assert stats["policy"] == "snapkv" and stats["budget"] == 0.1
+    assert 0 < stats["kv_bytes_retained"] < stats["kv_bytes_full"]
+    assert stats["kv_bytes_retained"] <= stats["kv_bytes_peak"] < stats["kv_bytes_full"]
+    assert stats["kv_peak_ratio"] == stats["kv_bytes_peak"] / stats["kv_bytes_full"]
+    assert 0 < stats["compress_seconds"] < stats["seconds"]
+    assert [sum(r) for r in stats["kv_bytes_per_scale_and_layer"]][-1] == stats["kv_bytes_retained"]
+    direct = cli_pipe.generate([1, 2], seed=3, cfg=1.5, top_k=900, top_p=0.96, cache=make_cache("snapkv", budget=0.1))
+    assert stats["cache_lengths_per_scale"] == [r.cache_lengths for r in direct.scales]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--policy", "snapkv", "--budget", "0"], "budget=0.0"),
+        (["--policy", "snapkv", "--budget", "1.01"], "budget=1.01"),
+        (["--policy", "h2o", "--budget", "nan"], "budget=nan"),
+        (["--policy", "lru", "--budget", "0.1"], "unknown cache policy"),
+        (["--policy", "scalekv", "--plan", "MALFORMED"], "malformed"),
+        (["--policy", "scalekv", "--plan", "RELEASED"], "made for the schedule"),
+    ],
+)
+def test_cli_errors_write_nothing(cli_pipe, tmp_path, capsys, extra, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "scalekv-plan/1", "budget": 0.1, "num_layers": 4, "scales": [{"h": 1}]}))
+    extra = [{"MALFORMED": str(bad), "RELEASED": str(RELEASED_2B)}.get(x, x) for x in extra]
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", "tiny", "--labels", "1", "--out", str(out), *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
