@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         f"float32 on {torch.get_num_threads()} CPU threads; torch {torch.__version__}"
     )
     print(
-        "| policy | history tokens/layer | history KV | SPEC §4 check | at 2B width, bf16 | of full prefix "
-        "| peak KV | peak / full | seconds | compress s |"
+        "| policy | history tokens/layer | history KV | SPEC §4 check | capacities kept | at 2B width, bf16 "
+        "| of full prefix | peak KV | peak / full | seconds | compress s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     full_seconds = None
     for name in names:
         cache = policy_cache(name, args.budget, args.plan, cfg.depth)

@@ -87,7 +87,7 @@ class CountingPipeline:
 
     def __init__(self, pipe, fail_after: int | None = None) -> None:
         self.pipe, self.fail_after, self.calls = pipe, fail_after, 0
-        self.model = pipe.model
+        self.model, self.vae = pipe.model, pipe.vae
 
     def to(self, device):
         self.pipe.to(device)
@@ -115,6 +115,13 @@ def test_default_policies_are_every_registered_one_with_full_first(keep_first, t
     assert {s.budget for s in setups[1:]} == {0.1, 0.2}
 
 
+def test_bad_policy_arguments_fail_before_any_work(keep_first, tmp_path):
+    config = small_config(tmp_path / "run", policy_options={KeepFirst.name: {"bogus": 1}})
+    with pytest.raises(ValueError, match=r"keep_first_test' at budget 0.2: .*bogus.*--policy-options"):
+        run_eval(config, pipeline=tiny_pipeline())
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_policy_and_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         resolve_setups(small_config(tmp_path, policies=["nope"]))
@@ -124,6 +131,10 @@ def test_unknown_policy_and_bad_settings_are_refused(tmp_path):
         small_config(tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="top_p"):
         small_config(tmp_path, top_p=2.0)
+    with pytest.raises(ValueError, match="fid='yes': expected true or false"):
+        small_config(tmp_path, fid="yes")
+    with pytest.raises(ValueError, match="threads=0"):
+        small_config(tmp_path, threads=0)
 
 
 # -- a whole run ---------------------------------------------------------------------------------------------------
@@ -206,6 +217,10 @@ def test_different_settings_into_an_existing_run_are_refused(keep_first, tmp_pat
         run_eval(small_config(out, n=6), pipeline=tiny_pipeline())
     assert (out / "config.json").read_text() == before
 
+    with pytest.raises(ValueError, match="model_fingerprint"):  # the same settings with other weights
+        run_eval(small_config(out), pipeline=tiny_pipeline(seed=1))
+    assert (out / "config.json").read_text() == before
+
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -213,13 +228,20 @@ def test_different_settings_into_an_existing_run_are_refused(keep_first, tmp_pat
         run_eval(small_config(other), pipeline=tiny_pipeline())
 
 
-def test_fid_is_computed_against_the_full_cache_set(keep_first, tmp_path):
-    rows = run_eval(small_config(tmp_path / "run", n=3, budgets=[0.2], fid=True), pipeline=tiny_pipeline())
-    full, policy = rows
+def test_fid_added_by_a_rerun_is_computed_alone_against_the_full_cache_set(keep_first, tmp_path):
+    out = tmp_path / "run"
+    first = run_eval(small_config(out, n=3, budgets=[0.2]), pipeline=tiny_pipeline())
+    assert all(r["fid"] is None for r in first)
+    fidelity = {p: p.stat().st_mtime_ns for p in out.glob("scores/fidelity/*/*.npz")}
+
+    counting = CountingPipeline(tiny_pipeline())
+    full, policy = run_eval(small_config(out, n=3, budgets=[0.2], fid=True), pipeline=counting)
+    assert counting.calls == 0 and all(p.stat().st_mtime_ns == t for p, t in fidelity.items())
     assert full["fid"] is None
     assert policy["fid"] > 0 and math.isfinite(policy["fid"])
-    scores = RunFolder(tmp_path / "run").read_scores(f"{KeepFirst.name}_b0.2", 0)
-    assert scores["features"].shape == (2, 2048)
+    assert unmeasured([policy])[0] == {**unmeasured([first[1]])[0], "fid": policy["fid"]}
+    features = RunFolder(out).read_scores("inception", f"{KeepFirst.name}_b0.2", 0)["features"]
+    assert features.shape == (2, 2048)
 
 
 def test_a_missing_extra_fails_before_any_work_with_what_to_install(keep_first, tmp_path, monkeypatch):

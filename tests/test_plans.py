@@ -135,8 +135,9 @@ def test_rule_plan_follows_spec(budget):
 def test_rule_plan_without_drafters_is_uniform_and_per_scale_drafters():
     scales = make_scales(INFINITY_1M_SQUARE)
     assert rule_plan(scales, 8, 0.1, []).capacities == uniform_plan(scales, 8, 0.1).capacities
-    plan = rule_plan(scales, 8, 0.1, {7: [1], 11: [2, 3]})
+    plan = rule_plan(scales, 8, 0.1, {3: [4], 7: [1], 11: [2, 3]})
     assert plan.drafters[7] == (1,) and plan.drafters[8] == () and plan.drafters[11] == (2, 3)
+    assert plan.drafters[3] == (4,) and plan.capacities[3] == (scales[3].end,) * 8  # a role, but nothing to cut
     assert len(set(plan.capacities[8])) == 1
     with pytest.raises(ValueError, match="expected distinct layer indices in 0..7"):
         rule_plan(scales, 8, 0.1, [8])

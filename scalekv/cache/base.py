@@ -141,6 +141,7 @@ class KVCache:
 
     name = "full"
     compresses = False
+    clock = staticmethod(time.perf_counter)  # what compress_seconds is measured with (a benchmark may pick CPU time)
 
     def __init__(self, budget: float = 1.0) -> None:
         self.budget = check_budget(budget)
@@ -193,7 +194,7 @@ class KVCache:
             sync = q.is_cuda
             if sync:
                 torch.cuda.synchronize(q.device)
-            start = time.perf_counter()
+            start = self.clock()
             self.observe(layer, scale, q, store)
             cap = self.capacity(layer, scale)
             if cap is not None and store.length > cap:
@@ -204,7 +205,7 @@ class KVCache:
                 self.nbytes += store.keep(index)
             if sync:
                 torch.cuda.synchronize(q.device)
-            self.compress_seconds += time.perf_counter() - start
+            self.compress_seconds += self.clock() - start
         self.scale_lengths[scale.index][layer] = store.length
         self.scale_nbytes[scale.index][layer] = store.nbytes
 

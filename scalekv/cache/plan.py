@@ -364,10 +364,12 @@ def rule_plan(
         unknown = sorted(set(drafters) - set(range(len(scales))))
         if unknown:
             raise ValueError(f"drafters given for scales {unknown}; expected scale indices in 0..{len(scales) - 1}")
-        per_scale = {k: list(drafters.get(k, ())) for k in compressed}
+        given = {k: list(v) for k, v in drafters.items()}
+        per_scale = {k: given.get(k, []) for k in compressed}
     else:
+        given = {}
         per_scale = {k: list(drafters) for k in compressed}
-    for k, layers in per_scale.items():
+    for k, layers in {**given, **per_scale}.items():
         bad = [d for d in layers if not _is_int(d) or not 0 <= d < num_layers]
         if bad or len(set(layers)) != len(layers):
             raise ValueError(f"drafters {layers} at scale {k}: expected distinct layer indices in 0..{num_layers - 1}")
@@ -387,7 +389,7 @@ def rule_plan(
         drafter = (num_layers * avg - (num_layers - len(layers)) * refiner) / len(layers)
         return [drafter if layer in layers else refiner for layer in range(num_layers)]
 
-    rows = [tuple(per_scale.get(k, ())) for k in range(len(scales))]
+    rows = [tuple(per_scale.get(k, given.get(k, ()))) for k in range(len(scales))]  # roles are kept where given
     provenance = {
         "rule": "scalekv-linear",
         "refiner_start": refiner_start,

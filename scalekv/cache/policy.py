@@ -30,7 +30,8 @@ class Policy(KVCache):
         if budget is None:
             raise ValueError(f"the {self.name!r} policy needs budget=<a fraction in (0, 1]>")
         super().__init__(budget)
-        self.plan: Plan | None = None
+        self.plan: Plan | None = None  # built at every reset
+        self._capacities: tuple[tuple[int, ...], ...] = ()
 
     def on_reset(self, layout: CacheLayout) -> None:
         plan = self.make_plan(layout)

@@ -177,11 +177,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo_sampling(model: str, weights: str | None) -> dict:
-    """Sampling settings: the demo model's own (from its config.json), VAR's usual ones otherwise."""
+    """Sampling settings: the demo model's own (stored in its config.json by ``scalekv train export``), VAR's
+    usual ones (cfg 1.5, top-k 900, top-p 0.96) for the official models."""
     from ..hub import DEMO, DEMO_DIR
 
-    if model == DEMO:
-        meta = json.loads((Path(weights) if weights else DEMO_DIR).joinpath("config.json").read_text())
-        if "sampling" in meta:
-            return dict(meta["sampling"])
-    return {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
+    if model != DEMO:
+        return {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
+    path = (Path(weights) if weights else DEMO_DIR) / "config.json"
+    meta = json.loads(path.read_text())
+    if "sampling" not in meta:
+        raise ValueError(f"{str(path)!r} has no 'sampling' entry; re-export the model with `scalekv train export`")
+    return dict(meta["sampling"])

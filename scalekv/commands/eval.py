@@ -63,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help='JSON: extra arguments per policy, e.g. \'{"scalekv": {"drafters": [0]}}\' ("{budget}" in a string '
         "becomes the budget)",
     )
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's; 1 on a busy CPU)")
     p.add_argument("--grid-images", type=int, dest="grid_images", help="images per grid (default 8)")
     p.add_argument("--no-progress", action="store_false", dest="progress", default=None, help="hide progress bars")
     p.add_argument("--out", help="run folder (created; rerun to resume)")
@@ -84,6 +85,7 @@ SETTINGS = [
     "fid",
     "lpips",
     "policy_options",
+    "threads",
     "grid_images",
     "progress",
     "out",

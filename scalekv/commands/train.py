@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--tokenizer", required=True, help="the tokenizer's run folder")
     e.add_argument("--var", required=True, help="the VAR's run folder")
     e.add_argument("--out", required=True, help="output folder, e.g. scalekv/weights/demo")
+    e.add_argument("--cfg", type=float, default=1.5, help="default guidance scale stored with the model")
+    e.add_argument("--top-k", type=int, default=900, help="default top-k stored with the model (0: off)")
+    e.add_argument("--top-p", type=float, default=0.96, help="default top-p stored with the model (0: off)")
     e.set_defaults(run=run_export)
     m = stages.add_parser("evaluate", help="measure the demo model: tokenizer PSNR and FID vs the test split")
     m.add_argument("--tokenizer", required=True, help="the tokenizer's run folder (its encoder is not shipped)")
@@ -131,7 +134,8 @@ def run_var(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from ..training.transformer import export_demo
 
-    paths = export_demo(args.tokenizer, args.var, args.out)
+    sampling = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
+    paths = export_demo(args.tokenizer, args.var, args.out, sampling)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

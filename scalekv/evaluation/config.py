@@ -10,8 +10,9 @@ from typing import Any
 
 DEFAULT_BUDGETS = (0.04, 0.1, 0.2)
 
-# Fields that do not change what is generated or measured: a rerun may change them and still resume.
-RUNTIME_FIELDS = frozenset({"out", "progress", "grid_images"})
+# Fields a rerun may change and still resume: presentation, and which metrics to compute (each metric's scores are
+# stored on their own, so turning one on later computes only it; the images never depend on these).
+RESUMABLE_FIELDS = frozenset({"out", "progress", "grid_images", "fid", "lpips"})
 
 
 @dataclass
@@ -40,6 +41,7 @@ class EvalConfig:
     lpips: str | None = None  # None, "stlpips" (shift-tolerant LPIPS, alex) or a path to standard LPIPS weights
     policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra kwargs per policy name
     warmup: bool = True  # one untimed generation per process before timing starts
+    threads: int | None = None  # torch CPU threads per process (None: torch's default); 1 is best on a busy CPU
     grid_images: int = 8  # images per grid (same indices across policies)
     progress: bool = True
 
@@ -58,10 +60,21 @@ class EvalConfig:
             low = 0 if name == "grid_images" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+        if self.threads is not None and (
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
+        ):
+            raise ValueError(f"threads={self.threads!r}: expected an integer >= 1 or null (torch's default)")
+        for name in ("fid", "warmup", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r}: expected an integer >= 0")
         if self.policies is not None:
-            if not isinstance(self.policies, list) or not self.policies:
+            if (
+                not isinstance(self.policies, list)
+                or not self.policies
+                or not all(isinstance(p, str) for p in self.policies)
+            ):
                 raise ValueError(f"policies={self.policies!r}: expected a non-empty list of policy names")
             if len(set(self.policies)) != len(self.policies):
                 raise ValueError(f"policies={self.policies!r}: a policy is listed twice")
@@ -105,8 +118,10 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """The settings that decide the run's images and numbers (compared when resuming into a folder)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The settings that decide the run's images and measurements (compared when resuming into a folder).
+
+        The thread count is one of them: CPU kernels may round differently with another count."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

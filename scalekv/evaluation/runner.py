@@ -7,6 +7,7 @@ with ``torch.distributed.gather_object`` and writes the reports. Work is resumab
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import sys
@@ -127,6 +128,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def model_fingerprint(pipe) -> str:
+    """A short hash of every parameter and buffer of ``pipe.model`` and ``pipe.vae`` (name, shape, and sum and sum of
+    absolute values to 6 significant digits), so that a run resumed with other weights is refused."""
+    digest = hashlib.sha1()
+    for part in ("model", "vae"):
+        module = getattr(pipe, part, None)
+        if module is None:
+            continue
+        for name, t in module.state_dict().items():
+            t = t.detach().double() if t.is_floating_point() else t.detach().long()
+            digest.update(f"{part}.{name}{tuple(t.shape)}{t.sum().item():.6g}{t.abs().sum().item():.6g}".encode())
+    return digest.hexdigest()[:16]
+
+
 def make_setup_cache(setup: Setup, config: EvalConfig):
     """A new cache for ``setup``: the policy at its budget with ``config.policy_options[policy]``, where the text
     ``{budget}`` inside a string option becomes the budget (e.g. ``plan: plans/demo_{budget}.json``)."""
@@ -205,57 +220,81 @@ def generation_pass(
 
 @dataclass
 class Scorers:
-    """The optional metric models, built before generation so that a missing extra fails before hours of work."""
+    """The metric models, built before generation so that a missing extra fails before hours of work.
+
+    ``metrics`` names the score folders this run needs (see :mod:`scalekv.evaluation.storage`).
+    """
 
     features: Any = None  # InceptionFeatures when FID is on
     lpips: Any = None  # fn(reference, images) -> (N,) when LPIPS is on
     lpips_label: str | None = None  # "lpips-alex" or "stlpips-alex"
+    lpips_key: str | None = None  # its score folder: the label, plus a hash of the weights path for lpips-alex
 
     @classmethod
     def build(cls, config: EvalConfig, device: torch.device) -> Scorers:
         from .metrics import InceptionFeatures, load_lpips
 
         features = InceptionFeatures(device) if config.fid else None
-        label, lpips = load_lpips(config.lpips, device) if config.lpips else (None, None)
-        return cls(features, lpips, label)
+        if not config.lpips:
+            return cls(features)
+        label, fn = load_lpips(config.lpips, device)
+        key = label if config.lpips == "stlpips" else f"{label}-{hashlib.sha1(config.lpips.encode()).hexdigest()[:8]}"
+        return cls(features, fn, label, key)
+
+    def metrics(self, setup: Setup) -> list[str]:
+        """Score folders ``setup`` needs: the full cache is only the reference (it has Inception features only)."""
+        names = [] if setup.is_reference else ["fidelity"]
+        if self.features is not None:
+            names.append("inception")
+        if self.lpips is not None and not setup.is_reference:
+            names.append(self.lpips_key)
+        return names
 
 
 def metric_pass(
     folder: RunFolder, setups: list[Setup], batches: list[Batch], config: EvalConfig, scorers: Scorers, d: Dist
 ) -> int:
-    """Score every batch of this rank that has no scores yet against the full cache's images."""
+    """Compute every score this rank's batches lack (a metric turned on by a rerun is computed alone)."""
     from .metrics import psnr_ssim
 
-    todo = [(s, b) for s in setups for b in batches if not folder.scores_path(s.name, b.number).is_file()]
-    features, lpips_fn = scorers.features, scorers.lpips
+    todo = []
+    for s in setups:
+        for b in batches:
+            missing = [m for m in scorers.metrics(s) if not folder.scores_path(m, s.name, b.number).is_file()]
+            if missing:
+                todo.append((s, b, missing))
     with _bar(len(todo), "score", d, config) as bar:
-        for setup, batch in todo:
+        for setup, batch, missing in todo:
             bar.set_postfix_str(setup.name)
             images = folder.load_images(setup.name, batch.indices)
-            scores: dict[str, np.ndarray] = {"indices": np.asarray(batch.indices, dtype=np.int64)}
-            if features is not None:
-                scores["features"] = features(images)
-            if not setup.is_reference:
-                reference = folder.load_images("full", batch.indices)
-                scores["psnr"], scores["ssim"] = psnr_ssim(reference, images)
-                scores["identical"] = (images == reference).flatten(1).all(dim=1).numpy()
-                if lpips_fn is not None:
-                    scores["lpips"] = lpips_fn(reference, images).numpy()
-            folder.write_scores(setup.name, batch.number, scores)
+            reference = None if setup.is_reference else folder.load_images("full", batch.indices)
+            for metric in missing:
+                if metric == "fidelity":
+                    psnr, ssim = psnr_ssim(reference, images)
+                    identical = (images == reference).flatten(1).all(dim=1).numpy()
+                    scores = {"psnr": psnr, "ssim": ssim, "identical": identical}
+                elif metric == "inception":
+                    scores = {"features": scorers.features(images)}
+                else:
+                    scores = {"lpips": scorers.lpips(reference, images).numpy()}
+                scores["indices"] = np.asarray(batch.indices, dtype=np.int64)
+                folder.write_scores(metric, setup.name, batch.number, scores)
             bar.update()
     return len(todo)
 
 
 def gather(
-    folder: RunFolder, setups: list[Setup], batches: list[Batch], d: Dist
+    folder: RunFolder, setups: list[Setup], batches: list[Batch], scorers: Scorers, d: Dist
 ) -> dict[str, list[tuple[dict, dict]]] | None:
     """Collect every rank's (record, scores) per setup on rank 0, ordered by batch; None on other ranks."""
-    mine = {
-        s.name: {
-            b.number: (folder.read_record(s.name, b.number), folder.read_scores(s.name, b.number)) for b in batches
-        }
-        for s in setups
-    }
+
+    def load(setup: Setup, batch: Batch) -> tuple[dict, dict]:
+        scores: dict[str, np.ndarray] = {}
+        for metric in scorers.metrics(setup):
+            scores.update(folder.read_scores(metric, setup.name, batch.number))
+        return folder.read_record(setup.name, batch.number), scores
+
+    mine = {s.name: {b.number: load(s, b) for b in batches} for s in setups}
     if d.world_size == 1:
         parts = [mine]
     else:
@@ -355,16 +394,25 @@ def run_eval(config: EvalConfig, pipeline=None) -> list[dict] | None:
     """
     from .report import write_reports
 
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     setups = resolve_setups(config)
-    for setup in setups:
-        make_setup_cache(setup, config)  # bad options fail now, not after hours of generation
+    for setup in setups:  # bad policy arguments fail now, not after hours of generation
+        try:
+            make_setup_cache(setup, config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"cache policy {setup.policy!r} at budget {setup.budget}: {e} "
+                "(give a policy's arguments with --policy-options or policy_options in the YAML file)"
+            ) from e
     d = init_dist(config.device)
     try:
         device = resolve_device(config.device, d)
         folder = RunFolder(config.out)
         policies = list(dict.fromkeys(s.policy for s in setups))
         identity = {**config.identity(), "policies": policies, "device": device.type}
-        _on_main_then_all(d, lambda: folder.check(identity))  # refuse a foreign folder before loading anything
+        # refuse a foreign folder before loading anything, and once more when the weights' fingerprint is known
+        _on_main_then_all(d, lambda: folder.check(identity, ignore=("model_fingerprint",)))
 
         if pipeline is None:
             from ..hub import load_pipeline
@@ -377,13 +425,14 @@ def run_eval(config: EvalConfig, pipeline=None) -> list[dict] | None:
         batches = make_batches(config.n, config.batch_size, config.seed, num_classes)
         mine = [b for b in batches if b.number % d.world_size == d.rank]
         scorers = Scorers.build(config, device)
+        identity["model_fingerprint"] = model_fingerprint(pipe)
         _on_main_then_all(d, lambda: folder.claim(identity))  # the model and metrics loaded: the folder is ours
 
         generation_pass(pipe, folder, setups, mine, config, device, d)
         if d.world_size > 1:
             dist.barrier()  # every reference image exists before anyone scores against it
         metric_pass(folder, setups, mine, config, scorers, d)
-        results = gather(folder, setups, mine, d)
+        results = gather(folder, setups, mine, scorers, d)
         rows = None
         if d.is_main:
             rows = summarize(setups, results, config, scorers.lpips_label)

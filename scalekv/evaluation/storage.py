@@ -5,7 +5,8 @@ Layout (``<setup>`` is ``full`` or ``<policy>_b<budget>``, ``<j>`` a 6-digit bat
     config.json                     the settings that decide images and numbers (compared on every rerun)
     images/<setup>/<i>.png          generated images, uint8 RGB
     records/<setup>/batch_<j>.json  written after the batch's images: time, KV bytes, memory (marks the batch done)
-    scores/<setup>/batch_<j>.npz    per-image metrics (and Inception features) of the batch
+    scores/<metric>/<setup>/batch_<j>.npz  per-image scores of the batch, one folder per metric: fidelity (PSNR,
+                                    SSIM), inception (FID features), lpips-alex-<hash of the weights path>, stlpips-alex
     metrics.json, metrics.csv, metrics.md, plots/*.png, grids/*.png
 
 Every file is written to a temporary name in its folder and renamed into place, so an interrupted run leaves no
@@ -67,15 +68,16 @@ class RunFolder:
         if not self.check(identity):
             atomic_write_json(self.config_path, identity)
 
-    def check(self, identity: dict[str, Any]) -> bool:
-        """True if the folder holds a run with ``identity``, False if it is new or empty.
+    def check(self, identity: dict[str, Any], ignore: tuple[str, ...] = ()) -> bool:
+        """True if the folder holds a run with ``identity`` (keys in ``ignore`` aside), False if it is new or empty.
 
         Raises ValueError when the folder holds a different run or files that are not a run's.
         """
         if self.config_path.is_file():
             saved = json.loads(self.config_path.read_text())
-            if saved != identity:
-                diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+            keys = (set(saved) | set(identity)) - set(ignore)
+            diff = sorted(k for k in keys if saved.get(k) != identity.get(k))
+            if diff:
                 detail = ", ".join(f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in diff)
                 raise ValueError(
                     f"--out {str(self.root)!r} holds a run with different settings ({detail}); "
@@ -116,8 +118,8 @@ class RunFolder:
     def record_path(self, setup: str, batch: int) -> Path:
         return self.root / "records" / setup / f"batch_{batch:06d}.json"
 
-    def scores_path(self, setup: str, batch: int) -> Path:
-        return self.root / "scores" / setup / f"batch_{batch:06d}.npz"
+    def scores_path(self, metric: str, setup: str, batch: int) -> Path:
+        return self.root / "scores" / metric / setup / f"batch_{batch:06d}.npz"
 
     def write_record(self, setup: str, batch: int, record: dict[str, Any]) -> None:
         atomic_write_json(self.record_path(setup, batch), record)
@@ -125,11 +127,11 @@ class RunFolder:
     def read_record(self, setup: str, batch: int) -> dict[str, Any]:
         return json.loads(self.record_path(setup, batch).read_text())
 
-    def write_scores(self, setup: str, batch: int, scores: dict[str, np.ndarray]) -> None:
+    def write_scores(self, metric: str, setup: str, batch: int, scores: dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez(buf, **scores)
-        atomic_write_bytes(self.scores_path(setup, batch), buf.getvalue())
+        atomic_write_bytes(self.scores_path(metric, setup, batch), buf.getvalue())
 
-    def read_scores(self, setup: str, batch: int) -> dict[str, np.ndarray]:
-        with np.load(self.scores_path(setup, batch)) as z:
+    def read_scores(self, metric: str, setup: str, batch: int) -> dict[str, np.ndarray]:
+        with np.load(self.scores_path(metric, setup, batch)) as z:
             return {k: z[k] for k in z.files}

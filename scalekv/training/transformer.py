@@ -196,9 +196,18 @@ def train_var(
     return model.eval()
 
 
-def export_demo(tokenizer_run: str | Path, var_run: str | Path, out: str | Path) -> list[Path]:
+def export_demo(
+    tokenizer_run: str | Path, var_run: str | Path, out: str | Path, sampling: dict | None = None
+) -> list[Path]:
     """Write ``var.safetensors``, ``vae.safetensors`` (decoder side only, float32) and ``config.json`` into ``out``:
-    the folder :func:`scalekv.hub.load_pipeline` reads for ``"demo"``."""
+    the folder :func:`scalekv.hub.load_pipeline` reads for ``"demo"``. ``sampling`` (``cfg``, ``top_k``,
+    ``top_p``) is stored as the model's default sampling settings, which ``scalekv demo`` uses."""
+    from ..pipeline import check_sampling
+
+    sampling = dict(sampling or {"cfg": 1.5, "top_k": 900, "top_p": 0.96})
+    if sorted(sampling) != ["cfg", "top_k", "top_p"]:
+        raise ValueError(f"sampling {sampling}: expected exactly the keys cfg, top_k, top_p")
+    check_sampling(**sampling)
     vae, vae_step, vae_sec = _load_run_model(tokenizer_run, "tokenizer", VQVAEConfig, VQVAE)
     var, var_step, var_sec = _load_run_model(var_run, "var", VARConfig, VAR)
     folder = Path(out)
@@ -207,6 +216,7 @@ def export_demo(tokenizer_run: str | Path, var_run: str | Path, out: str | Path)
     meta = {
         "var": config_to_json(var.cfg),
         "vae": {**config_to_json(vae.cfg), "with_encoder": False},
+        "sampling": sampling,
         "training": {
             "tokenizer_steps": vae_step,
             "tokenizer_seconds": round(vae_sec),
