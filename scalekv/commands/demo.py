@@ -51,7 +51,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="demo", help="model name (default: the embedded demo model)")
     p.add_argument("--weights", help="weights folder (default: the copy shipped in the package)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the model is small, and more threads only lose time on a busy machine)",
+    )
     p.set_defaults(run=run)
 
 
@@ -128,10 +133,9 @@ def grid_image(rows: list[DemoRow], col_titles: list[str], zoom: int = 4):
 def run(args: argparse.Namespace) -> int:
     from ..hub import DEMO, load_pipeline
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pipe = load_pipeline(args.model, args.weights)
     sampling = demo_sampling(args.model, args.weights)
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "demo_results.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(
         f"scalekv demo: model {args.model}, labels {labels}, seed {args.seed}, sampling {sampling}, "
-        f"{torch.get_num_threads()} CPU threads"
+        f"CPU threads: {torch.get_num_threads()}"
     )
     print(text)
     print(

@@ -43,7 +43,8 @@ class AlexLPIPS(nn.Module):
     """Standard LPIPS v0.1 with the AlexNet trunk, written in plain torch so it needs no torchvision.
 
     The weights are the state dict of ``lpips.LPIPS(net="alex")`` (keys ``scaling_layer.*``, ``net.slice1.0.*`` to
-    ``net.slice5.10.*`` and ``lin0.model.1.weight`` to ``lin4.model.1.weight``), loaded strictly.
+    ``net.slice5.10.*`` and ``lin0.model.1.weight`` to ``lin4.model.1.weight``; its ``lins.*`` aliases are
+    accepted), loaded strictly.
     """
 
     CHANNELS = (64, 192, 384, 256, 256)
@@ -113,7 +114,8 @@ def load_lpips(spec: str, device: torch.device) -> tuple[str, Callable[[torch.Te
                 f"lpips={spec!r}: expected 'stlpips' or the path of an LPIPS AlexNet state dict (file not found)"
             )
         net = AlexLPIPS()
-        load_strict(net, read_state_file(path), what="LPIPS (AlexNet, v0.1)")
+        # lpips.LPIPS's own state dict also lists the linear layers as ``lins.<k>.*``, aliases of ``lin<k>.*``
+        load_strict(net, read_state_file(path), what="LPIPS (AlexNet, v0.1)", ignore_prefixes=("lins.",))
         label = "lpips-alex"
     net = net.eval().to(device)
 

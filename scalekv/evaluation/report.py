@@ -93,6 +93,16 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def check_plotting() -> None:
+    """Fail early, with what to install, when matplotlib (the plots and grids) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        from .metrics import MissingExtra
+
+        raise MissingExtra(f"the plots need matplotlib (pip install 'scalekv[eval]' or matplotlib): {e}") from e
+
+
 def _savefig(fig, path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

@@ -108,6 +108,7 @@ def init_dist(device_setting: str) -> Dist:
 
 
 def resolve_device(setting: str, d: Dist) -> torch.device:
+    """``auto`` -> this process's GPU when CUDA is available, else the CPU; ``cuda`` -> this process's GPU."""
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "cuda":
@@ -137,8 +138,10 @@ def model_fingerprint(pipe) -> str:
         if module is None:
             continue
         for name, t in module.state_dict().items():
-            t = t.detach().double() if t.is_floating_point() else t.detach().long()
-            digest.update(f"{part}.{name}{tuple(t.shape)}{t.sum().item():.6g}{t.abs().sum().item():.6g}".encode())
+            acc = torch.float64 if t.is_floating_point() else torch.int64
+            t = t if t.is_floating_point() else t.long()  # bool buffers have no abs()
+            total, size = t.sum(dtype=acc).item(), t.abs().sum(dtype=acc).item()
+            digest.update(f"{part}.{name}{tuple(t.shape)}{total:.6g}{size:.6g}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -392,8 +395,9 @@ def run_eval(config: EvalConfig, pipeline=None) -> list[dict] | None:
 
     ``pipeline`` is a loaded pipeline (tests); by default ``config.model`` is loaded with ``config.weights``.
     """
-    from .report import write_reports
+    from .report import check_plotting, write_reports
 
+    check_plotting()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     setups = resolve_setups(config)
