@@ -78,7 +78,9 @@ def load_strict(
     module.load_state_dict(matched, strict=True)
 
 
-def save_state_file(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_state_file(
+    state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically (a temporary file renamed into place)."""
     from safetensors.torch import save_file
 

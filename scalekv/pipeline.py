@@ -95,8 +95,12 @@ class VARPipeline:
         folder = Path(weights) if weights is not None else None
         if folder is not None and not folder.is_dir():
             raise CheckpointError(f"weights folder {str(folder)!r} does not exist or is not a folder")
-        var_path = Path(var_file) if var_file else _find(folder, [f"var_d{cfg.depth}.pth", f"var_d{cfg.depth}.safetensors"])
-        vae_path = Path(vae_file) if vae_file else _find(folder, ["vae_ch160v4096z32.pth", "vae_ch160v4096z32.safetensors"])
+        var_path = (
+            Path(var_file) if var_file else _find(folder, [f"var_d{cfg.depth}.pth", f"var_d{cfg.depth}.safetensors"])
+        )
+        vae_path = (
+            Path(vae_file) if vae_file else _find(folder, ["vae_ch160v4096z32.pth", "vae_ch160v4096z32.safetensors"])
+        )
         vae_cfg = VQVAEConfig(**{**vae_cfg.__dict__, "with_encoder": False})
         return cls(load_var(str(var_path), cfg), load_vqvae(str(vae_path), vae_cfg))
 
@@ -147,7 +151,9 @@ class VARPipeline:
             guided = (1 + t) * logits[:b] - t * logits[b:]
             if keep_logits:
                 kept.append(guided.clone())
-            idx = guided.argmax(dim=-1) if greedy else sample_top_k_top_p(guided, top_k=top_k, top_p=top_p, generator=gen)
+            idx = (
+                guided.argmax(dim=-1) if greedy else sample_top_k_top_p(guided, top_k=top_k, top_p=top_p, generator=gen)
+            )
             records.append(
                 ScaleRecord(scale.index, scale.h, scale.w, idx, cache.lengths(), cache.nbytes, cache.peak_nbytes)
             )

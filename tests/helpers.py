@@ -15,8 +15,16 @@ def tiny_var_config(**overrides) -> VARConfig:
 
 
 def tiny_vae_config(**overrides) -> VQVAEConfig:
-    base = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, using_sa=False,
-                patch_nums=TINY_PN, with_encoder=True)
+    base = dict(
+        vocab_size=64,
+        z_channels=8,
+        ch=32,
+        ch_mult=(1, 1),
+        num_res_blocks=1,
+        using_sa=False,
+        patch_nums=TINY_PN,
+        with_encoder=True,
+    )
     base.update(overrides)
     return VQVAEConfig(**base)
 

@@ -43,7 +43,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     gathered = json.loads((tmp_path / "two" / "metrics.json").read_text())
     # Inception runs with a different thread count in the workers, so FID agrees to float tolerance, not bit for bit
-    fids = [(g.pop("fid"), s.pop("fid")) for g, s in zip(gathered, single)]
+    fids = [(g.pop("fid"), s.pop("fid")) for g, s in zip(gathered, single, strict=True)]
     assert unmeasured(gathered) == unmeasured(single)
     assert fids[1][0] is not None and abs(fids[1][0] - fids[1][1]) <= 1e-4 * abs(fids[1][1])
 

@@ -15,7 +15,9 @@ from scalekv.pipeline import VARPipeline
 
 from .helpers import tiny_pipeline, tiny_var_config
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "var_tiny" / "official_state_dict_manifest.json"
+MANIFEST = (
+    Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "var_tiny" / "official_state_dict_manifest.json"
+)
 
 
 def test_cached_generation_equals_uncached_forward():
@@ -29,7 +31,7 @@ def test_cached_generation_equals_uncached_forward():
         cond = pipe.model(labels, x)
         uncond = pipe.model(torch.full_like(labels, pipe.model.cfg.num_classes), x)
     n = len(gen.scales)
-    for s, rec, guided in zip(pipe.model.cfg.scales, gen.scales, gen.logits):
+    for s, rec, guided in zip(pipe.model.cfg.scales, gen.scales, gen.logits, strict=True):
         t = 2.0 * s.index / (n - 1)
         expect = (1 + t) * cond[:, s.start : s.end] - t * uncond[:, s.start : s.end]
         torch.testing.assert_close(guided, expect, atol=2e-5, rtol=1e-5)
@@ -61,7 +63,7 @@ def test_generation_record_and_full_cache_accounting():
     gen = pipe.generate([1, 2], greedy=True)
     assert gen.images.shape == (2, 3, 12, 12) and gen.images.min() >= 0 and gen.images.max() <= 1
     assert [(r.h, r.w) for r in gen.scales] == [(p, p) for p in cfg.patch_nums]
-    for rec, scale in zip(gen.scales, cfg.scales):
+    for rec, scale in zip(gen.scales, cfg.scales, strict=True):
         assert rec.tokens.shape == (2, scale.length)
         assert rec.cache_lengths == [scale.end] * cfg.depth
     elem = 4  # float32

@@ -55,7 +55,7 @@ def cache_from_args(args: argparse.Namespace):
 def save_images(images: torch.Tensor, out: Path, prefix: str = "") -> list[Path]:
     """Write (B, 3, H, W) images in [0, 1] as PNGs; returns the paths."""
     paths = []
-    arr = (images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    arr = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     for i, a in enumerate(arr):
         path = out / f"{prefix}{i:04d}.png"
         Image.fromarray(np.ascontiguousarray(a)).save(path)
@@ -106,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
         "kv_bytes_per_scale_and_layer": cache.scale_nbytes,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
-    print(f"wrote {len(paths)} images and stats.json to {out} ({gen.seconds:.2f} s, "
-          f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)")
+    print(
+        f"wrote {len(paths)} images and stats.json to {out} ({gen.seconds:.2f} s, "
+        f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)"
+    )
     return 0
 
 
@@ -160,8 +162,10 @@ def run_infinity(args: argparse.Namespace) -> int:
         "cache_lengths_per_scale": [s.cache_lengths for s in gen.scales],
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
-    print(f"wrote {len(paths)} {width}x{height} images and stats.json to {out} ({gen.seconds:.2f} s, "
-          f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)")
+    print(
+        f"wrote {len(paths)} {width}x{height} images and stats.json to {out} ({gen.seconds:.2f} s, "
+        f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)"
+    )
     return 0
 
 

@@ -7,7 +7,7 @@ A latent ``f`` of shape ``(B, Cvae, P, P)`` (``P`` = last patch side) is the sum
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -219,8 +219,10 @@ def phi_indices(num_scales: int, num_phi: int) -> list[int]:
     Computed in float64 numpy exactly as the official code does; at the 10-scale schedules this gives
     [0,0,1,1,1,2,2,3,3,3] (scale 2 is a tie in exact arithmetic that float rounding resolves to 1).
     """
-    ticks = np.linspace(1 / 3 / num_phi, 1 - 1 / 3 / num_phi, num_phi) if num_phi == 4 else np.linspace(
-        1 / (2 * num_phi), 1 - 1 / (2 * num_phi), num_phi
+    ticks = (
+        np.linspace(1 / 3 / num_phi, 1 - 1 / 3 / num_phi, num_phi)
+        if num_phi == 4
+        else np.linspace(1 / (2 * num_phi), 1 - 1 / (2 * num_phi), num_phi)
     )
     denom = max(num_scales - 1, 1)
     return [int(np.argmin(np.abs(ticks - k / denom))) for k in range(num_scales)]

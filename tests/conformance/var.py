@@ -25,21 +25,39 @@ def build(fixture: Path) -> tuple[dict, VARPipeline]:
     cfg = json.loads((fixture / "config.json").read_text())
     v, q = cfg["var"], cfg["vqvae"]
     var_cfg = VARConfig(
-        depth=v["depth"], embed_dim=v["embed_dim"], num_heads=v["num_heads"], mlp_ratio=v["mlp_ratio"],
-        num_classes=v["num_classes"], vocab_size=q["vocab_size"], z_channels=q["Cvae"],
-        patch_nums=tuple(v["patch_nums"]), shared_aln=v["shared_aln"], attn_l2_norm=v["attn_l2_norm"],
+        depth=v["depth"],
+        embed_dim=v["embed_dim"],
+        num_heads=v["num_heads"],
+        mlp_ratio=v["mlp_ratio"],
+        num_classes=v["num_classes"],
+        vocab_size=q["vocab_size"],
+        z_channels=q["Cvae"],
+        patch_nums=tuple(v["patch_nums"]),
+        shared_aln=v["shared_aln"],
+        attn_l2_norm=v["attn_l2_norm"],
         norm_eps=v["norm_eps"],
     )
     vae_cfg = VQVAEConfig(
-        vocab_size=q["vocab_size"], z_channels=q["Cvae"], ch=q["ch"], ch_mult=tuple(q["ch_mult"]),
-        num_res_blocks=q["num_res_blocks"], using_sa=q["using_sa"], using_mid_sa=q["using_mid_sa"],
-        share_quant_resi=q["share_quant_resi"], quant_resi=q["quant_resi"], patch_nums=tuple(q["v_patch_nums"]),
+        vocab_size=q["vocab_size"],
+        z_channels=q["Cvae"],
+        ch=q["ch"],
+        ch_mult=tuple(q["ch_mult"]),
+        num_res_blocks=q["num_res_blocks"],
+        using_sa=q["using_sa"],
+        using_mid_sa=q["using_mid_sa"],
+        share_quant_resi=q["share_quant_resi"],
+        quant_resi=q["quant_resi"],
+        patch_nums=tuple(q["v_patch_nums"]),
         with_encoder=False,
     )
     model, vae = VAR(var_cfg), VQVAE(vae_cfg)
     load_strict(model, read_state_file(fixture / cfg["transformer_weights"]["file"]), what="VAR fixture")
-    load_strict(vae, read_state_file(fixture / cfg["vqvae_weights"]["file"]), what="VQVAE fixture",
-                ignore_prefixes=("encoder.", "quant_conv."))
+    load_strict(
+        vae,
+        read_state_file(fixture / cfg["vqvae_weights"]["file"]),
+        what="VQVAE fixture",
+        ignore_prefixes=("encoder.", "quant_conv."),
+    )
     assert vae.quantize.phi_index == q["phi_index_per_scale"]
     return cfg, VARPipeline(model, vae)
 
