@@ -136,6 +136,9 @@ def test_unknown_policy_and_bad_settings_are_refused(tmp_path):
         small_config(tmp_path, fid="yes")
     with pytest.raises(ValueError, match="threads=0"):
         small_config(tmp_path, threads=0)
+    with pytest.raises(ValueError, match="n=1 with fid on: FID needs at least 2 images"):
+        small_config(tmp_path, n=1, fid=True)
+    assert small_config(tmp_path, n=1).n == 1  # without FID one image is enough
 
 
 # -- a whole run ---------------------------------------------------------------------------------------------------
@@ -299,6 +302,47 @@ def test_cli_reports_bad_values_as_one_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_config_file_problems_and_odd_values_are_one_clear_error(tmp_path, capsys, monkeypatch):
+    yaml_file = tmp_path / "eval.yaml"
+    yaml_file.write_text("model: [demo\n")
+    assert main(["eval", "--config", str(yaml_file), "--out", str(tmp_path / "r")]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    yaml_file.write_text("model: demo\ndevice: 0\n")
+    assert main(["eval", "--config", str(yaml_file), "--out", str(tmp_path / "r")]) == 2
+    assert "device=0: expected 'auto', 'cpu' or 'cuda'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "yaml", None)  # pyyaml not installed
+    assert main(["eval", "--config", str(yaml_file), "--out", str(tmp_path / "r")]) == 2
+    assert "--config needs pyyaml (pip install 'scalekv[eval]'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="lpips='': expected null, 'stlpips' or a path"):
+        small_config(tmp_path, lpips="")
+
+
+def test_a_policy_whose_plan_changed_is_refused_on_resume(tmp_path, monkeypatch):
+    """The same settings but another plan (say a new default) must not reuse the old images."""
+    from scalekv.cache.plan import uniform_plan
+    from scalekv.cache.snapkv import SnapKV
+
+    out = tmp_path / "run"
+    config = small_config(out, policies=["snapkv"], budgets=[0.5], n=2)
+    run_eval(config, pipeline=tiny_pipeline())
+    before = (out / "config.json").read_text()
+    assert set(json.loads(before)["plans"]) == {"snapkv_b0.5"}  # the full cache has no plan
+
+    # the same rule at half the budget: other capacities under the same settings
+    monkeypatch.setattr(SnapKV, "make_plan", lambda self, layout: uniform_plan(layout.scales, layout.num_layers, 0.25))
+    counting = CountingPipeline(tiny_pipeline())
+    with pytest.raises(ValueError, match=r"different settings \(plans differ for snapkv_b0.5\)"):
+        run_eval(config, pipeline=counting)
+    assert counting.calls == 0 and (out / "config.json").read_text() == before
+
+    monkeypatch.undo()
+    older = {k: v for k, v in json.loads(before).items() if k != "plans"}  # a folder from before plans were recorded
+    (out / "config.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"different settings \(plans: not recorded there\)"):
+        run_eval(config, pipeline=counting)
+
+
 # -- metrics -------------------------------------------------------------------------------------------------------
 def test_psnr_ssim_of_saved_images():
     from scalekv.evaluation.metrics import psnr_ssim
@@ -312,6 +356,41 @@ def test_psnr_ssim_of_saved_images():
     assert s[0] == pytest.approx(1.0) and s[1] < 1
     with pytest.raises(ValueError, match="uint8"):
         psnr_ssim(a.float(), b.float())
+
+
+def _reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two float64 ``(C, H, W)`` images in [0, 1] as Wang et al.'s reference MATLAB code computes it:
+    11x11 gaussian weights (sigma 1.5), weighted means, variances and covariance at every valid window position
+    (``filter2(..., 'valid')``), K1 = 0.01, K2 = 0.03, L = 1; averaged over positions and channels."""
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for xc, yc in zip(x, y, strict=True):
+        for i in range(xc.shape[0] - 10):
+            for j in range(xc.shape[1] - 10):
+                a, b = xc[i : i + 11, j : j + 11], yc[i : i + 11, j : j + 11]
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+                cov = (w * (a - ma) * (b - mb)).sum()
+                values.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(np.mean(values))
+
+
+def test_psnr_and_ssim_equal_the_reference_formulas():
+    """Our PSNR/SSIM (no torchmetrics) against the textbook PSNR and a direct transcription of reference SSIM."""
+    from scalekv.evaluation.metrics import psnr_ssim
+
+    gen = torch.Generator().manual_seed(0)
+    ref = (torch.rand(3, 3, 20, 17, generator=gen) * 255).round().to(torch.uint8)
+    noise = torch.randn(3, 3, 20, 17, generator=gen) * torch.tensor([4.0, 20.0, 60.0]).view(3, 1, 1, 1)
+    img = (ref.double() + noise).clamp(0, 255).round().to(torch.uint8)
+    p, s = psnr_ssim(ref, img)
+    for k in range(3):
+        a, b = ref[k].double().numpy() / 255, img[k].double().numpy() / 255
+        assert p[k] == pytest.approx(10 * math.log10(1 / ((a - b) ** 2).mean()), rel=1e-5)
+        assert s[k] == pytest.approx(_reference_ssim(a, b), abs=1e-5)
+    assert p[0] > p[1] > p[2] and s[0] > s[1] > s[2]
 
 
 def test_lpips_from_a_weights_file(tmp_path):

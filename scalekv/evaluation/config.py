@@ -67,6 +67,8 @@ class EvalConfig:
         for name in ("fid", "warmup", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
+        if self.fid and self.n < 2:
+            raise ValueError(f"n={self.n} with fid on: FID needs at least 2 images, expected n >= 2 or fid false")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r}: expected an integer >= 0")
         if self.policies is not None:
@@ -85,9 +87,11 @@ class EvalConfig:
                 raise ValueError(f"budget {b!r}: expected a fraction in (0, 1], e.g. 0.1 for 10%")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError(f"budgets={self.budgets!r}: a budget is listed twice")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda'")
-        if self.lpips is not None and not isinstance(self.lpips, str):
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ValueError(f"weights={self.weights!r}: expected null or the folder with the model's checkpoint")
+        if self.lpips is not None and (not isinstance(self.lpips, str) or not self.lpips):
             raise ValueError(f"lpips={self.lpips!r}: expected null, 'stlpips' or a path to LPIPS weights")
         if not isinstance(self.policy_options, dict) or not all(
             isinstance(v, dict) for v in self.policy_options.values()
@@ -126,12 +130,20 @@ class EvalConfig:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Load a YAML mapping of :class:`EvalConfig` fields."""
-    import yaml
+    try:
+        import yaml
+    except ImportError as e:
+        from .metrics import MissingExtra
+
+        raise MissingExtra(f"--config needs pyyaml (pip install 'scalekv[eval]' or pyyaml): {e}") from e
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text())
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(p)!r} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

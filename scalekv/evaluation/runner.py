@@ -8,6 +8,7 @@ with ``torch.distributed.gather_object`` and writes the reports. Work is resumab
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
 import sys
@@ -143,6 +144,27 @@ def model_fingerprint(pipe) -> str:
             total, size = t.sum(dtype=acc).item(), t.abs().sum(dtype=acc).item()
             digest.update(f"{part}.{name}{tuple(t.shape)}{total:.6g}{size:.6g}".encode())
     return digest.hexdigest()[:16]
+
+
+def plan_fingerprints(pipe, setups: list[Setup], config: EvalConfig) -> dict[str, str]:
+    """Per setup whose cache follows a plan, a short hash of that plan on this model (capacities per scale and layer,
+    drafters), so that a run resumed after a policy's plan changed (a new default, a recalibrated file) is refused.
+
+    The plan is what the cache builds when reset for ``pipe.model``'s layout (one image: plans do not depend on the
+    batch)."""
+    layout_of = getattr(getattr(pipe, "model", None), "cache_layout", None)
+    if layout_of is None:
+        return {}
+    layout = layout_of(rows=2, cond_rows=1)
+    out = {}
+    for setup in setups:
+        cache = make_setup_cache(setup, config)
+        cache.reset(layout)
+        plan = getattr(cache, "plan", None)
+        if plan is not None:
+            text = json.dumps([plan.capacities, plan.drafters])
+            out[setup.name] = hashlib.sha1(text.encode()).hexdigest()[:16]
+    return out
 
 
 def make_setup_cache(setup: Setup, config: EvalConfig):
@@ -415,8 +437,8 @@ def run_eval(config: EvalConfig, pipeline=None) -> list[dict] | None:
         folder = RunFolder(config.out)
         policies = list(dict.fromkeys(s.policy for s in setups))
         identity = {**config.identity(), "policies": policies, "device": device.type}
-        # refuse a foreign folder before loading anything, and once more when the weights' fingerprint is known
-        _on_main_then_all(d, lambda: folder.check(identity, ignore=("model_fingerprint",)))
+        # refuse a foreign folder before loading anything, and once more when the weights and plans are known
+        _on_main_then_all(d, lambda: folder.check(identity, ignore=("model_fingerprint", "plans")))
 
         if pipeline is None:
             from ..hub import load_pipeline
@@ -430,6 +452,7 @@ def run_eval(config: EvalConfig, pipeline=None) -> list[dict] | None:
         mine = [b for b in batches if b.number % d.world_size == d.rank]
         scorers = Scorers.build(config, device)
         identity["model_fingerprint"] = model_fingerprint(pipe)
+        identity["plans"] = plan_fingerprints(pipe, setups, config)
         _on_main_then_all(d, lambda: folder.claim(identity))  # the model and metrics loaded: the folder is ours
 
         generation_pass(pipe, folder, setups, mine, config, device, d)

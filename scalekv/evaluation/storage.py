@@ -61,6 +61,19 @@ def setup_name(policy: str, budget: float | None) -> str:
     return policy if budget is None else f"{policy}_b{budget:g}"
 
 
+_ABSENT = object()  # a setting one side does not record at all (a run made by an older version)
+
+
+def _difference(key: str, there: Any, now: Any) -> str:
+    """How setting ``key`` differs, short: the entries of a mapping that differ rather than both mappings."""
+    if there is _ABSENT or now is _ABSENT:
+        return f"{key}: {'not recorded there' if there is _ABSENT else 'not recorded now'}"
+    if isinstance(there, dict) and isinstance(now, dict):
+        entries = sorted(k for k in set(there) | set(now) if there.get(k, _ABSENT) != now.get(k, _ABSENT))
+        return f"{key} differ for {', '.join(map(str, entries))}"
+    return f"{key}: {there!r} there, {now!r} now"
+
+
 class RunFolder:
     """Paths and reads/writes of one evaluation run folder."""
 
@@ -84,9 +97,9 @@ class RunFolder:
         if self.config_path.is_file():
             saved = json.loads(self.config_path.read_text())
             keys = (set(saved) | set(identity)) - set(ignore)
-            diff = sorted(k for k in keys if saved.get(k) != identity.get(k))
+            diff = sorted(k for k in keys if saved.get(k, _ABSENT) != identity.get(k, _ABSENT))
             if diff:
-                detail = ", ".join(f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in diff)
+                detail = ", ".join(_difference(k, saved.get(k, _ABSENT), identity.get(k, _ABSENT)) for k in diff)
                 raise ValueError(
                     f"--out {str(self.root)!r} holds a run with different settings ({detail}); "
                     "expected the same settings to resume it, or a new folder"
