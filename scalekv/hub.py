@@ -13,6 +13,57 @@ DEMO = "demo"
 DEMO_DIR = Path(__file__).parent / "weights" / "demo"  # var.safetensors, vae.safetensors, config.json
 
 
+def default_plan(model: str, budget: float | None, weights: str | Path | None = None, schedule=None) -> Path | None:
+    """The ScaleKV plan shipped for ``model`` at ``budget`` (None: 10%), or None where there is none.
+
+    * ``demo``: the calibrated plans in the model's folder (``plans/scalekv_{4,10,20}pct.json``; the shipped copy, or
+      those next to ``weights``), made by ``scalekv calibrate`` (README, "Calibration");
+    * ``infinity-2b`` / ``infinity-8b``: the released 10% budget files, on the 1024x1024 schedule only.
+    """
+    from .cache.plan import PLANS_DIR
+
+    budget = 0.1 if budget is None else budget
+    percent = round(budget * 100)
+    if abs(budget * 100 - percent) > 1e-9:
+        return None
+    if model == DEMO:
+        path = (Path(weights) if weights else DEMO_DIR) / "plans" / f"scalekv_{percent}pct.json"
+    elif model in ("infinity-2b", "infinity-8b") and percent == 10:
+        from .models.schedules import get_schedule
+
+        if schedule is not None and schedule != get_schedule(1.0, "1M"):
+            return None
+        path = PLANS_DIR / f"{model.replace('-', '_')}_10pct.json"
+    else:
+        return None
+    return path if path.is_file() else None
+
+
+def policy_defaults(model: str, policy: str, budget: float | None, weights=None, schedule=None) -> dict:
+    """Arguments ``policy`` takes by default on ``model`` beyond its budget: ScaleKV's shipped plan, if any."""
+    if policy != "scalekv":
+        return {}
+    path = default_plan(model, budget, weights, schedule)
+    return {"plan": str(path)} if path is not None else {}
+
+
+VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}  # the official VAR demo settings
+
+
+def default_sampling(model: str, weights: str | Path | None = None) -> dict:
+    """Sampling settings of a VAR model: the demo model's own (stored in its config.json by ``scalekv train
+    export``), else the official VAR ones (cfg 1.5, top-k 900, top-p 0.96)."""
+    if model != DEMO:
+        return dict(VAR_SAMPLING)
+    path = (Path(weights) if weights else DEMO_DIR) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"demo model config {str(path)!r} does not exist (expected `scalekv train export`)")
+    meta = json.loads(path.read_text())
+    if "sampling" not in meta:
+        raise ValueError(f"{str(path)!r} has no 'sampling' entry; re-export the model with `scalekv train export`")
+    return dict(meta["sampling"])
+
+
 def model_names() -> list[str]:
     return sorted([*VAR_PRESETS, DEMO, *infinity_names()])
 

@@ -457,7 +457,8 @@ def test_the_command_runs_resumes_and_refuses(tmp_path, capsys):
     pipe = tiny_pipeline()
     weights = tmp_path / "weights"
     weights.mkdir()
-    meta = {"var": config_to_json(pipe.model.cfg), "vae": config_to_json(pipe.vae.cfg)}
+    sampling = {"cfg": 2.5, "top_k": 20, "top_p": 0.8}  # the model's own: the run takes them when not given
+    meta = {"var": config_to_json(pipe.model.cfg), "vae": config_to_json(pipe.vae.cfg), "sampling": sampling}
     (weights / "config.json").write_text(json.dumps(meta))
     save_state_file(pipe.model.state_dict(), weights / "var.safetensors")
     save_state_file(pipe.vae.state_dict(), weights / "vae.safetensors")
@@ -486,6 +487,8 @@ def test_the_command_runs_resumes_and_refuses(tmp_path, capsys):
     rows = json.loads((out / "metrics.json").read_text())
     assert [(r["policy"], r["budget"]) for r in rows] == [("full", None), ("sliding_window", 0.3), ("snapkv", 0.3)]
     assert "| sliding_window | 30% |" in capsys.readouterr().out  # the summary printed at the end
+    recorded = json.loads((out / "config.json").read_text())
+    assert {k: recorded["config"][k] if "config" in recorded else recorded[k] for k in sampling} == sampling
 
     assert main(argv) == 0  # a rerun finds everything done
     assert json.loads((out / "metrics.json").read_text())[1]["psnr"] == rows[1]["psnr"]

@@ -87,15 +87,12 @@ def test_released_budget_files_give_their_capacities_on_the_1m_schedule(model, d
             assert cache.lengths() == [scale.end] * depth, f"after scale {scale.index}"
 
 
-def test_cli_defaults_scalekv_to_the_released_plan_only_where_it_applies():
-    from scalekv.commands.generate import released_plan
+def test_scalekv_defaults_to_the_released_plan_only_where_it_applies():
+    from scalekv.hub import default_plan
 
     one_m = get_schedule(1.0, "1M")
-    path = released_plan("infinity-2b", one_m, 0.1)
-    if path is None:
-        pytest.skip("the released plans are not shipped in scalekv/plans")
-    assert Path(path).name == "infinity_2b_10pct.json"
-    assert Path(released_plan("infinity-8b", one_m, None)).name == "infinity_8b_10pct.json"
-    assert released_plan("infinity-2b", one_m, 0.2) is None
-    assert released_plan("infinity-2b", get_schedule(1.0, "0.25M"), 0.1) is None
-    assert released_plan("infinity", one_m, 0.1) is None
+    assert default_plan("infinity-2b", 0.1, schedule=one_m).name == "infinity_2b_10pct.json"
+    assert default_plan("infinity-8b", None, schedule=one_m).name == "infinity_8b_10pct.json"
+    assert default_plan("infinity-2b", 0.2, schedule=one_m) is None
+    assert default_plan("infinity-2b", 0.1, schedule=get_schedule(1.0, "0.25M")) is None
+    assert default_plan("infinity", 0.1, schedule=one_m) is None

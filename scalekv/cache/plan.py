@@ -94,7 +94,9 @@ class Plan:
     """Capacities ``(scales, layers)`` in tokens for one schedule, plus which layers are drafters at each scale.
 
     ``capacities[k][l]`` is what layer ``l`` retains after scale ``k``; ``drafters[k]`` the drafter layers at scale
-    ``k`` (empty where a policy has no drafters); ``budget`` the fraction the plan was made for.
+    ``k`` (empty where a policy has no drafters); ``budget`` the fraction the plan was made for. ``selection``
+    optionally fixes ScaleKV's token-selection settings for the model the plan was calibrated on (``grid``,
+    ``kernel``, ``pooling``); a cache built from the plan uses them unless told otherwise.
     """
 
     schedule: tuple[tuple[int, int], ...]
@@ -103,6 +105,7 @@ class Plan:
     budget: float
     model: str = ""
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    selection: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -188,6 +191,7 @@ class Plan:
                 raise ValueError(
                     f"drafters {list(self.drafters[k])} at scale {k}: expected distinct layers in 0..{n - 1}"
                 )
+        check_selection(self.selection)
 
     # -- JSON --------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -202,6 +206,7 @@ class Plan:
             "budget": self.budget,
             "num_layers": self.num_layers,
             "scales": scales,
+            **({"selection": dict(self.selection)} if self.selection else {}),
             "provenance": dict(self.provenance),
         }
 
@@ -235,8 +240,17 @@ class Plan:
         provenance = data.get("provenance", {})
         if not isinstance(provenance, dict):
             raise ValueError('"provenance" must be an object')
+        selection = data.get("selection", {})
+        if not isinstance(selection, dict):
+            raise ValueError('"selection" must be an object')
         return cls(
-            tuple(schedule), tuple(caps), tuple(drafters), data["budget"], str(data.get("model", "")), provenance
+            tuple(schedule),
+            tuple(caps),
+            tuple(drafters),
+            data["budget"],
+            str(data.get("model", "")),
+            provenance,
+            selection,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -252,6 +266,21 @@ class Plan:
             os.unlink(tmp)
             raise
         return path
+
+
+SELECTION_KEYS = ("grid", "kernel", "pooling")
+
+
+def check_selection(selection: Mapping[str, Any]) -> None:
+    """A plan's selection settings: a subset of grid (int >= 1), kernel (odd int >= 1), pooling ('avg' or 'max')."""
+    unknown = sorted(set(selection) - set(SELECTION_KEYS))
+    if unknown:
+        raise ValueError(f"selection keys {unknown}: expected some of {list(SELECTION_KEYS)}")
+    from .policy import check_pooling, positive_int  # policy.py imports this module
+
+    if "grid" in selection:
+        positive_int("grid", selection["grid"])
+    check_pooling(selection.get("pooling", "avg"), selection.get("kernel", 1))
 
 
 def _is_int(x: Any) -> bool:

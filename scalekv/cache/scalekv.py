@@ -29,6 +29,9 @@ def grid_window(h: int, w: int, grid: int) -> torch.Tensor:
     return (rows[:, None] * w + cols[None, :]).reshape(-1)
 
 
+DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_POOLING = 4, 5, "avg"  # SPEC §5
+
+
 @register
 class ScaleKV(ScoredPolicy):
     """ScaleKV (SPEC §5) at the capacities of a plan.
@@ -41,6 +44,8 @@ class ScaleKV(ScoredPolicy):
     Selection: the observation window is the centre token of every cell of a ``grid`` x ``grid`` split of the
     current map; every cached token is scored by the softmax attention of the window's real queries, summed and
     pooled (``pooling`` 'avg' or 'max', ``kernel``); the window is kept, then the top scores, per row and head.
+    ``grid``, ``kernel`` and ``pooling`` left out take the plan's ``selection`` (a calibrated plan may carry the
+    settings its calibration chose), else SPEC §5's 4, 5 and 'avg'.
     """
 
     name = "scalekv"
@@ -51,14 +56,17 @@ class ScaleKV(ScoredPolicy):
         plan: Plan | str | Path | None = None,
         drafters: Sequence[int] | Mapping[int, Sequence[int]] | None = None,
         *,
-        grid: int = 4,
-        kernel: int = 5,
-        pooling: str = "avg",
+        grid: int | None = None,
+        kernel: int | None = None,
+        pooling: str | None = None,
         refiner_start: float = PAPER_REFINER_START,
         refiner_end: float = PAPER_REFINER_END,
     ) -> None:
         if (plan is None) == (drafters is None):
-            raise ValueError("ScaleKV needs exactly one of plan=<Plan or plan file> and drafters=<layer indices>")
+            raise ValueError(
+                "ScaleKV needs exactly one of plan=<Plan or plan file> and drafters=<layer indices> "
+                "(make a plan for your model and budget with `scalekv calibrate`)"
+            )
         if plan is not None and not isinstance(plan, Plan):
             plan = load_plan(plan)
         if isinstance(plan, Plan):
@@ -70,6 +78,10 @@ class ScaleKV(ScoredPolicy):
                     f"({plan.average_capacity:g} tokens per layer); leave budget out or pass {plan.budget}"
                 )
         super().__init__(budget)
+        chosen = dict(plan.selection) if isinstance(plan, Plan) else {}
+        grid = grid if grid is not None else chosen.get("grid", DEFAULT_GRID)
+        kernel = kernel if kernel is not None else chosen.get("kernel", DEFAULT_KERNEL)
+        pooling = pooling if pooling is not None else chosen.get("pooling", DEFAULT_POOLING)
         check_pooling(pooling, kernel)
         self.fixed_plan = plan
         self.drafters = drafters

@@ -14,25 +14,41 @@ from __future__ import annotations
 
 import torch
 
-from ..cache.base import CacheLayout, KVCache, Scale
+from ..cache.base import CacheLayout, KVCache, Scale, check_budget
+from ..cache.plan import average_capacity
 
 
 class AttentionStatsCache(KVCache):
     """A full cache that measures attention statistics in :meth:`compress` and keeps them across generations.
 
-    ``top_k`` is K' of SPEC §3 (history tokens a refiner could keep; the layer-average budget B is the usual choice).
-    Sums live in float64 tensors of shape (scales, layers); :meth:`means` divides by the query counts.
+    ``top_k`` is K' of SPEC §3 (history tokens a refiner could keep). Give it in tokens, or give ``history_budget``
+    instead, a budget fraction whose layer-average capacity B (SPEC §4) on the schedule of the first generation
+    becomes K' (the usual choice). Sums live in float64 tensors of shape (scales, layers); :meth:`means` divides by
+    the query counts.
     """
 
     name = "attention_stats"
 
-    def __init__(self, top_k: int, *, query_chunk: int = 256, head_chunk: int = 4) -> None:
+    def __init__(
+        self,
+        top_k: int | None = None,
+        *,
+        history_budget: float | None = None,
+        query_chunk: int = 256,
+        head_chunk: int = 4,
+    ) -> None:
         super().__init__()
-        if not isinstance(top_k, int) or top_k < 1:
+        if (top_k is None) == (history_budget is None):
+            raise ValueError("give exactly one of top_k (K' in tokens) and history_budget (K' = B of that budget)")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise ValueError(f"top_k={top_k!r}: expected a positive number of history tokens")
-        if query_chunk < 1 or head_chunk < 1:
-            raise ValueError(f"query_chunk={query_chunk}, head_chunk={head_chunk}: expected positive chunk sizes")
-        self.top_k, self.query_chunk, self.head_chunk = top_k, query_chunk, head_chunk
+        if history_budget is not None:
+            check_budget(history_budget)
+        for name, value in (("query_chunk", query_chunk), ("head_chunk", head_chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive chunk size")
+        self.top_k, self.history_budget = top_k, history_budget
+        self.query_chunk, self.head_chunk = query_chunk, head_chunk
         self.current_sum: torch.Tensor | None = None
         self.topk_sum: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
@@ -42,6 +58,8 @@ class AttentionStatsCache(KVCache):
     def on_reset(self, layout: CacheLayout) -> None:
         signature = (layout.num_layers, tuple((s.h, s.w) for s in layout.scales))
         if self._signature is None:
+            if self.top_k is None:
+                self.top_k = average_capacity(self.history_budget, layout.scales)
             shape = (len(layout.scales), layout.num_layers)
             self.current_sum = torch.zeros(shape, dtype=torch.float64)
             self.topk_sum = torch.zeros(shape, dtype=torch.float64)

@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 
 BUDGETS = (0.1, 0.2)
-# extra constructor arguments a policy needs beyond its budget on the demo model; a policy that needs more than
-# `budget` and is not listed here stops the demo with its own error (nothing is skipped)
-POLICY_OPTIONS: dict[str, dict] = {"scalekv": {"drafters": [0]}}
+# extra constructor arguments a policy needs beyond its budget; a policy that needs more than `budget` and is not
+# listed here stops the demo with its own error (nothing is skipped). ScaleKV's plan is not listed: it is the plan
+# shipped with the model for the budget (scalekv/weights/demo/plans/), or, for a model that ships none, one that
+# `calibrate` makes on the spot (CALIBRATION_SAMPLES images, seed 1000: never the demo's own images).
+POLICY_OPTIONS: dict[str, dict] = {}
+CALIBRATION_SAMPLES = 16
 DEMO_LABELS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
@@ -41,7 +44,7 @@ class DemoRow:
     def label(self) -> str:
         if self.budget is None:
             return self.policy
-        opts = "".join(f" {k}={v}" for k, v in self.options.items())
+        opts = "".join(f" {k}={v}" for k, v in self.options.items() if k != "plan")
         return f"{self.policy} {self.budget:.0%}{opts}"
 
 
@@ -71,7 +74,20 @@ def cache_settings() -> list[tuple[str, float | None, dict]]:
     return settings
 
 
-def run_demo(pipe, labels, seed: int, sampling: dict) -> list[DemoRow]:
+def scalekv_plan(pipe, model: str, weights: str | None, budget: float, sampling: dict):
+    """The model's shipped ScaleKV plan for ``budget``, else one calibrated now; returns (plan, where it came from)."""
+    from ..cache.plan import load_plan
+    from ..calibration.calibrate import calibrate
+    from ..hub import default_plan
+
+    path = default_plan(model, budget, weights)
+    if path is not None:
+        return load_plan(path), path.name
+    plan = calibrate(pipe, budget, samples=CALIBRATION_SAMPLES, model=model, **sampling)
+    return plan, f"calibrated now on {CALIBRATION_SAMPLES} images (no plan ships with this model)"
+
+
+def run_demo(pipe, labels, seed: int, sampling: dict, model: str = "demo", weights: str | None = None) -> list[DemoRow]:
     """Generate ``labels`` under every cache setting; the first row is the full cache (the reference)."""
     from ..cache import make_cache
     from ..metrics import psnr, ssim
@@ -79,7 +95,12 @@ def run_demo(pipe, labels, seed: int, sampling: dict) -> list[DemoRow]:
     pipe.generate(labels[:2], seed=seed, **sampling)  # warm-up, so that one-time costs do not count against "full"
     rows: list[DemoRow] = []
     for name, budget, options in cache_settings():
-        cache = make_cache(name) if budget is None else make_cache(name, budget=budget, **options)
+        if name == "scalekv" and budget is not None and not options:
+            plan, source = scalekv_plan(pipe, model, weights, budget, sampling)
+            options = {"plan": source}
+            cache = make_cache(name, plan=plan)
+        else:
+            cache = make_cache(name) if budget is None else make_cache(name, budget=budget, **options)
         gen = pipe.generate(labels, cache=cache, seed=seed, **sampling)
         row = DemoRow(name, budget, options, gen.images, gen.scales[-2].kv_bytes, gen.kv_bytes_peak, gen.seconds)
         if rows:
@@ -131,16 +152,16 @@ def grid_image(rows: list[DemoRow], col_titles: list[str], zoom: int = 4):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import DEMO, load_pipeline
+    from ..hub import DEMO, default_sampling, load_pipeline
 
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pipe = load_pipeline(args.model, args.weights)
-    sampling = demo_sampling(args.model, args.weights)
+    sampling = default_sampling(args.model, args.weights)
     labels = list(DEMO_LABELS)
-    rows = run_demo(pipe, labels, args.seed, sampling)
+    rows = run_demo(pipe, labels, args.seed, sampling, args.model, args.weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from ..data import CLASSES
@@ -178,17 +199,3 @@ def run(args: argparse.Namespace) -> int:
         f"({time.perf_counter() - start:.1f} s in all)"
     )
     return 0
-
-
-def demo_sampling(model: str, weights: str | None) -> dict:
-    """Sampling settings: the demo model's own (stored in its config.json by ``scalekv train export``), VAR's
-    usual ones (cfg 1.5, top-k 900, top-p 0.96) for the official models."""
-    from ..hub import DEMO, DEMO_DIR
-
-    if model != DEMO:
-        return {"cfg": 1.5, "top_k": 900, "top_p": 0.96}
-    path = (Path(weights) if weights else DEMO_DIR) / "config.json"
-    meta = json.loads(path.read_text())
-    if "sampling" not in meta:
-        raise ValueError(f"{str(path)!r} has no 'sampling' entry; re-export the model with `scalekv train export`")
-    return dict(meta["sampling"])

@@ -41,9 +41,16 @@ def parse_labels(text: str) -> list[int]:
         raise ValueError(f"--labels {text!r}: expected comma-separated integers such as 207,360") from None
 
 
-def cache_from_args(args: argparse.Namespace):
+def cache_from_args(args: argparse.Namespace, schedule=None):
+    """The cache ``--policy`` names; ScaleKV without ``--plan`` takes the plan shipped for the model and budget."""
     from ..cache import make_cache
+    from ..hub import default_plan
 
+    if args.policy == "scalekv" and not args.plan:
+        path = default_plan(args.model, args.budget, args.weights, schedule)
+        if path is not None:
+            print(f"scalekv: using the plan shipped for {args.model}: {path.name}")
+            args.plan = str(path)
     kwargs = {}
     if args.budget is not None:
         kwargs["budget"] = args.budget
@@ -128,9 +135,7 @@ def run_infinity(args: argparse.Namespace) -> int:
     cfg = 3.0 if args.cfg is None else args.cfg
     tau = 0.5 if args.tau is None else args.tau
     top_p = 0.97 if args.top_p is None else args.top_p
-    if args.policy == "scalekv" and not args.plan:
-        args.plan = released_plan(args.model, schedule, args.budget)
-    cache = cache_from_args(args)
+    cache = cache_from_args(args, schedule)
     pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
     gen = pipe.generate(
         args.prompt, schedule=schedule, cache=cache, cfg=cfg, tau=tau, top_k=args.top_k, top_p=top_p, seed=args.seed
@@ -167,18 +172,3 @@ def run_infinity(args: argparse.Namespace) -> int:
         f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)"
     )
     return 0
-
-
-def released_plan(model: str, schedule, budget: float | None) -> str | None:
-    """The released ScaleKV budget file shipped for ``model`` (10%, 1024x1024 only), when it fits the request."""
-    from ..cache.plan import PLANS_DIR
-    from ..models.schedules import get_schedule
-
-    name = {"infinity-2b": "infinity_2b_10pct.json", "infinity-8b": "infinity_8b_10pct.json"}.get(model)
-    if name is None or schedule != get_schedule(1.0, "1M") or budget not in (None, 0.1):
-        return None
-    path = PLANS_DIR / name
-    if path.is_file():
-        print(f"scalekv: using the released 10% plan {path.name} for {model} at 1024x1024")
-        return str(path)
-    return None

@@ -33,9 +33,10 @@ class EvalConfig:
     n: int = 500
     batch_size: int = 8
     seed: int = 0
-    cfg: float = 1.5
-    top_k: int = 900
-    top_p: float = 0.96
+    # sampling; None takes the model's own (the demo model's config.json; VAR's official 1.5 / 900 / 0.96)
+    cfg: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     device: str = "auto"  # "auto": cuda when available (one GPU per torchrun process), else cpu
     fid: bool = True
     lpips: str | None = None  # None, "stlpips" (shift-tolerant LPIPS, alex) or a path to standard LPIPS weights
@@ -99,6 +100,13 @@ class EvalConfig:
             raise ValueError(f"policy_options={self.policy_options!r}: expected a mapping policy -> keyword mapping")
         from ..pipeline import check_sampling
 
+        if None in (self.cfg, self.top_k, self.top_p):
+            from ..hub import default_sampling
+
+            model_default = default_sampling(self.model, self.weights)
+            for key in ("cfg", "top_k", "top_p"):
+                if getattr(self, key) is None:
+                    setattr(self, key, model_default[key])
         check_sampling(self.cfg, self.top_k, self.top_p)
 
     # -- construction ------------------------------------------------------------------------------------------

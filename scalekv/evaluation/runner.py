@@ -162,7 +162,7 @@ def plan_fingerprints(pipe, setups: list[Setup], config: EvalConfig) -> dict[str
         cache.reset(layout)
         plan = getattr(cache, "plan", None)
         if plan is not None:
-            text = json.dumps([plan.capacities, plan.drafters])
+            text = json.dumps([plan.capacities, plan.drafters, dict(getattr(plan, "selection", {}))])
             out[setup.name] = hashlib.sha1(text.encode()).hexdigest()[:16]
     return out
 
@@ -171,9 +171,13 @@ def make_setup_cache(setup: Setup, config: EvalConfig):
     """A new cache for ``setup``: the policy at its budget with ``config.policy_options[policy]``, where the text
     ``{budget}`` inside a string option becomes the budget (e.g. ``plan: plans/demo_{budget}.json``)."""
     from ..cache import make_cache
+    from ..hub import policy_defaults
 
+    given = config.policy_options.get(setup.policy)
+    if given is None and setup.budget is not None:  # e.g. ScaleKV's plan shipped with the model for this budget
+        given = policy_defaults(config.model, setup.policy, setup.budget, config.weights)
     kwargs = {}
-    for key, value in config.policy_options.get(setup.policy, {}).items():
+    for key, value in (given or {}).items():
         if isinstance(value, str) and setup.budget is not None:
             value = value.replace("{budget}", f"{setup.budget:g}")
         kwargs[key] = value

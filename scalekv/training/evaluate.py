@@ -115,9 +115,8 @@ def evaluate_demo(
     """Tokenizer PSNR on the whole test split; FID of ``samples`` generated images (equal per class) against the
     first ``ref_images`` test images; optionally a 10-per-class sample grid. ``ref_cache`` is an ``.npy`` file that
     keeps the test images' Inception features between runs (computed if missing). Returns the numbers."""
-    from ..commands.demo import demo_sampling
     from ..data import load_images
-    from ..hub import load_demo
+    from ..hub import default_sampling, load_demo
     from .tokenizer import psnr_dataset
     from .transformer import load_tokenizer_run
 
@@ -128,7 +127,7 @@ def evaluate_demo(
     vae = load_tokenizer_run(tokenizer_run)
     test, _ = load_images("test", vae.cfg.image_size, data_root)
     report: dict = {"tokenizer_test_psnr_db": round(psnr_dataset(vae, test), 2), "test_images": test.shape[0]}
-    sampling = demo_sampling("demo", None if weights is None else str(weights))
+    sampling = default_sampling("demo", None if weights is None else str(weights))
     report["sampling"] = sampling
     images, _ = generate_per_class(pipe, samples // num_classes, num_classes, batch_size, seed, sampling)
     if grid is not None:

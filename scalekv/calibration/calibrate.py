@@ -1,0 +1,266 @@
+"""ASI calibration (SPEC §3-§4): attention statistics of the full-cache model, drafters per scale, and the plan.
+
+Three steps, each usable alone:
+
+1. :func:`collect_stats` runs generations with the full cache through an :class:`AttentionStatsCache` and returns
+   :class:`AttentionStats`: per (scale, layer) the current-map share and the top-K' history mass, measured from the
+   layers' real attention, streamed in chunks.
+2. :func:`plan_from_stats` turns statistics into a :class:`~scalekv.cache.plan.Plan`: ASI (sum or product of the
+   two terms, or one term alone for ablations), standardised per scale, the ``num_drafters`` lowest Z among the
+   (scale, layer) pairs of the compressed scales become drafters, and the SPEC §4 rule sets the capacities. The
+   statistics travel inside the plan's provenance, so a plan file shows why it is what it is.
+3. :func:`calibrate` does both for a pipeline and a budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..cache.base import check_budget, make_scales
+from ..cache.plan import (
+    PAPER_REFINER_END,
+    PAPER_REFINER_START,
+    Plan,
+    average_capacity,
+    first_compressed_scale,
+    rule_plan,
+)
+from .asi import COMBINES, asi, pick_drafters, standardise
+from .stats import AttentionStatsCache
+
+# Defaults chosen from the ablations on the demo model (README, "Calibration"): see there for the numbers.
+DEFAULT_COMBINE = "sum"
+DEFAULT_DRAFTER_SHARE = 0.07  # drafters as a share of the (scale, layer) pairs of the compressed scales
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Per (scale, layer) means over every query of the current map (all rows, CFG halves included).
+
+    ``current[k][l]``: share of attention on the current map; ``topk[k][l]``: history mass the ``top_k`` (K')
+    largest history tokens hold; ``samples``: images generated; ``schedule``: the (h, w) of every scale.
+    """
+
+    schedule: tuple[tuple[int, int], ...]
+    top_k: int
+    samples: int
+    current: torch.Tensor  # (scales, layers) float64
+    topk: torch.Tensor  # (scales, layers) float64
+
+    def __post_init__(self) -> None:
+        t = self.current
+        if t.dim() != 2 or t.shape != self.topk.shape or t.shape[0] != len(self.schedule):
+            raise ValueError(
+                f"statistics of shapes {tuple(self.current.shape)} and {tuple(self.topk.shape)}: expected two "
+                f"(scales, layers) tables with {len(self.schedule)} scales"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.current.shape[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schedule": [list(s) for s in self.schedule],
+            "top_k": self.top_k,
+            "samples": self.samples,
+            "current": _rounded(self.current),
+            "topk": _rounded(self.topk),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttentionStats:
+        try:
+            return cls(
+                tuple((int(h), int(w)) for h, w in data["schedule"]),
+                int(data["top_k"]),
+                int(data["samples"]),
+                torch.tensor(data["current"], dtype=torch.float64),
+                torch.tensor(data["topk"], dtype=torch.float64),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"calibration statistics are malformed ({type(e).__name__}: {e})") from None
+
+
+def _rounded(t: torch.Tensor, digits: int = 6) -> list[list[float]]:
+    return [[round(float(x), digits) for x in row] for row in t]
+
+
+def collect_stats(
+    generate: Callable[..., Any],
+    inputs: Sequence[Any],
+    *,
+    budget: float | None = None,
+    top_k: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    query_chunk: int = 256,
+    head_chunk: int = 4,
+    progress: bool = False,
+) -> AttentionStats:
+    """Run ``generate(batch, cache=..., seed=...)`` (a pipeline's ``generate`` with its sampling settings bound)
+    over ``inputs`` (labels or prompts) in batches of ``batch_size``, batch ``i`` seeded ``seed + i``, and return
+    the accumulated statistics. K' is ``top_k`` tokens, or B of ``budget`` on the model's schedule."""
+    if not inputs:
+        raise ValueError("calibration needs at least one input (a label or a prompt); got none")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+    collector = AttentionStatsCache(top_k, history_budget=budget, query_chunk=query_chunk, head_chunk=head_chunk)
+    starts = range(0, len(inputs), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="calibration", unit="batch")
+    for i, start in enumerate(starts):
+        generate(list(inputs[start : start + batch_size]), cache=collector, seed=seed + i)
+    current, topk = collector.means()
+    schedule = tuple((s.h, s.w) for s in collector.layout.scales)
+    return AttentionStats(schedule, collector.top_k, len(inputs), current, topk)
+
+
+def default_num_drafters(pairs: int, share: float = DEFAULT_DRAFTER_SHARE) -> int:
+    """``round(share * pairs)``, at least one: the drafter count for ``pairs`` compressed (scale, layer) pairs."""
+    return max(1, round(share * pairs))
+
+
+def plan_from_stats(
+    stats: AttentionStats,
+    budget: float,
+    *,
+    combine: str = DEFAULT_COMBINE,
+    num_drafters: int | None = None,
+    uniform: bool = False,
+    refiner_start: float = PAPER_REFINER_START,
+    refiner_end: float = PAPER_REFINER_END,
+    model: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Plan:
+    """The ScaleKV plan for ``budget`` from ``stats``.
+
+    ``num_drafters`` (N_d) defaults to :func:`default_num_drafters` of the compressed pairs. Drafters are the N_d
+    lowest Z = per-scale standardised ASI among the pairs of the compressed scales (so their number varies per
+    scale); capacities follow :func:`~scalekv.cache.plan.rule_plan`. ``uniform=True`` keeps the drafter flags
+    but gives every layer B (the "uniform capacities" ablation). The provenance records every setting and the
+    statistics: current, topk, asi and z per (scale, layer).
+    """
+    budget = check_budget(budget)
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r}: expected one of {COMBINES}")
+    scales = make_scales(stats.schedule)
+    layers = stats.num_layers
+    avg = average_capacity(budget, scales)
+    first = first_compressed_scale(scales, avg)
+    compressed = [] if first is None else list(range(first, len(scales) - 1))
+    pairs = len(compressed) * layers
+    if num_drafters is None:
+        num_drafters = default_num_drafters(pairs) if pairs else 0
+    if isinstance(num_drafters, bool) or not isinstance(num_drafters, int) or not 0 <= num_drafters <= pairs:
+        raise ValueError(
+            f"num_drafters={num_drafters!r}: expected an integer in 0..{pairs} "
+            f"({len(compressed)} compressed scales x {layers} layers at budget {budget})"
+        )
+    values = asi(stats.current, stats.topk, combine)
+    z = standardise(values)
+    flags = pick_drafters(z, compressed, num_drafters)
+    drafters = {k: [layer for layer in range(layers) if flags[k, layer]] for k in compressed}
+    full_scales = [k for k, d in drafters.items() if len(d) == layers]
+    if full_scales:
+        raise ValueError(
+            f"num_drafters={num_drafters} makes every layer a drafter at scales {full_scales}: "
+            "expected at least one refiner per scale; use fewer drafters"
+        )
+    if uniform:
+        plan = rule_plan(scales, layers, budget, drafters, refiner_start=1.0, refiner_end=1.0, model=model)
+    else:
+        plan = rule_plan(
+            scales, layers, budget, drafters, refiner_start=refiner_start, refiner_end=refiner_end, model=model
+        )
+    provenance = {
+        "rule": "scalekv-asi",
+        "source": "scalekv calibrate (ASI, SPEC §3-§4)",
+        "combine": combine,
+        "num_drafters": num_drafters,
+        "compressed_pairs": pairs,
+        "uniform_capacities": uniform,
+        "refiner_start": 1.0 if uniform else refiner_start,
+        "refiner_end": 1.0 if uniform else refiner_end,
+        "average_capacity": avg,
+        **(extra or {}),
+        "statistics": {**stats.to_dict(), "asi": _rounded(values), "z": _rounded(z)},
+    }
+    return dataclasses.replace(plan, provenance=provenance)
+
+
+def stats_from_plan(plan: Plan) -> AttentionStats:
+    """The statistics a calibrated plan carries (for plots and inspection)."""
+    data = plan.provenance.get("statistics")
+    if not isinstance(data, dict):
+        raise ValueError(f"the plan{' ' + repr(plan.model) if plan.model else ''} carries no calibration statistics")
+    return AttentionStats.from_dict(data)
+
+
+def default_inputs(num_classes: int, samples: int) -> list[int]:
+    """Class labels for VAR calibration: ``samples`` labels cycling 0, 1, ..., num_classes - 1, 0, ..."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples={samples!r}: expected a positive number of calibration images")
+    return [i % num_classes for i in range(samples)]
+
+
+def calibrate(
+    pipe: Any,
+    budget: float,
+    inputs: Sequence[Any] | None = None,
+    *,
+    samples: int = 16,
+    combine: str = DEFAULT_COMBINE,
+    num_drafters: int | None = None,
+    refiner_start: float = PAPER_REFINER_START,
+    refiner_end: float = PAPER_REFINER_END,
+    batch_size: int = 16,
+    seed: int = 1000,
+    model: str = "",
+    progress: bool = False,
+    **generate_kwargs: Any,
+) -> Plan:
+    """Calibrate a ScaleKV plan for ``pipe`` at ``budget``.
+
+    ``inputs``: class labels (VAR) or prompts (Infinity); for a VAR pipeline they default to ``samples`` labels
+    cycling over the classes (prompts must be given). ``generate_kwargs`` go to ``pipe.generate`` (sampling
+    settings, Infinity's ``schedule``). The seed defaults away from 0 so that calibration and evaluation images
+    differ. Returns the plan; save it with :meth:`Plan.save`.
+    """
+    if inputs is None:
+        num_classes = getattr(getattr(getattr(pipe, "model", None), "cfg", None), "num_classes", None)
+        if num_classes is None:
+            raise ValueError("this pipeline is not class-conditional: pass inputs=[prompts] to calibrate it")
+        inputs = default_inputs(num_classes, samples)
+    bound = _bind(pipe.generate, generate_kwargs)
+    stats = collect_stats(bound, inputs, budget=budget, batch_size=batch_size, seed=seed, progress=progress)
+    extra = {"seed": seed, "generate": {k: v for k, v in generate_kwargs.items() if _is_plain(v)}}
+    return plan_from_stats(
+        stats,
+        budget,
+        combine=combine,
+        num_drafters=num_drafters,
+        refiner_start=refiner_start,
+        refiner_end=refiner_end,
+        model=model,
+        extra=extra,
+    )
+
+
+def _bind(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[..., Any]:
+    def call(batch, *, cache, seed):
+        return fn(batch, cache=cache, seed=seed, **kwargs)
+
+    return call
+
+
+def _is_plain(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) and not (isinstance(value, float) and not math.isfinite(value))

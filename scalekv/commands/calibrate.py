@@ -1,0 +1,128 @@
+"""``scalekv calibrate``: a ScaleKV plan for a model, schedule and budget from ASI (SPEC §3-§4), plus its plots."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..cache.plan import PAPER_REFINER_END, PAPER_REFINER_START
+    from ..calibration.asi import COMBINES
+    from ..calibration.calibrate import DEFAULT_COMBINE, DEFAULT_DRAFTER_SHARE
+
+    p = sub.add_parser("calibrate", help="calibrate a ScaleKV plan (drafters and capacities) from attention")
+    p.add_argument("--model", required=True, help="model name, e.g. demo, var-d16, infinity-2b")
+    p.add_argument("--weights", help="folder with the model's checkpoint files")
+    p.add_argument("--vae", help="Infinity: the BSQ-VAE file")
+    p.add_argument("--t5", help="Infinity: local flan-t5-xl folder")
+    p.add_argument("--size", default="1024x1024", help="Infinity: WIDTHxHEIGHT, mapped to the nearest template")
+    p.add_argument("--prompts", help="Infinity: a text file with one calibration prompt per line")
+    p.add_argument("--budget", type=float, required=True, help="KV budget fraction in (0, 1], e.g. 0.1")
+    p.add_argument("--samples", type=int, default=16, help="VAR: calibration images, labels cycling (default 16)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1000, help="calibration seed (default 1000, away from eval seeds)")
+    p.add_argument("--combine", choices=COMBINES, default=DEFAULT_COMBINE, help=f"ASI (default {DEFAULT_COMBINE})")
+    p.add_argument(
+        "--drafters",
+        type=int,
+        default=None,
+        help=f"N_d, drafter (scale, layer) pairs (default {DEFAULT_DRAFTER_SHARE:.0%} of the compressed pairs)",
+    )
+    p.add_argument(
+        "--refiner-start",
+        type=float,
+        default=PAPER_REFINER_START,
+        help="refiners at the first compressed "
+        f"scale, as a fraction of B (default {PAPER_REFINER_START:.3f}, the paper's 600/650)",
+    )
+    p.add_argument(
+        "--refiner-end",
+        type=float,
+        default=PAPER_REFINER_END,
+        help="refiners at the last compressed "
+        f"scale, as a fraction of B (default {PAPER_REFINER_END:.3f}, the paper's 320/650)",
+    )
+    p.add_argument("--grid", type=int, help="record ScaleKV's observation grid in the plan (default: SPEC's 4)")
+    p.add_argument("--kernel", type=int, help="record ScaleKV's pooling kernel in the plan (default: SPEC's 5)")
+    p.add_argument("--pooling", choices=("avg", "max"), help="record ScaleKV's pooling in the plan (default avg)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-plots", action="store_true", help="skip the two PNGs next to the plan")
+    p.add_argument("--out", required=True, help="the plan JSON to write (its folder must exist)")
+    p.set_defaults(run=run)
+
+
+def read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompts {path!r}: no such file (expected one prompt per line)")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path!r} holds no prompt (expected one prompt per line)")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from ..calibration.calibrate import calibrate
+    from ..hub import default_sampling, load_pipeline
+    from ..infinity_pipeline import infinity_names
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
+    if out.suffix != ".json":
+        raise ValueError(f"--out {args.out!r}: expected a .json file name")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
+        torch.set_num_threads(args.threads)
+    selection = {k: getattr(args, k) for k in ("grid", "kernel", "pooling") if getattr(args, k) is not None}
+    if args.model in infinity_names():
+        from ..models.schedules import parse_size, schedule_for_size
+
+        if not args.prompts or not args.t5:
+            raise ValueError(f"{args.model!r} calibrates on prompts: give --prompts FILE and --t5 FOLDER")
+        inputs = read_prompts(args.prompts)
+        pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
+        generate_kwargs = {"schedule": schedule_for_size(*parse_size(args.size))}
+    else:
+        if args.prompts or args.vae or args.t5:
+            raise ValueError(f"--prompts/--vae/--t5 apply to Infinity models only, not {args.model!r}")
+        inputs = None
+        pipe = load_pipeline(args.model, args.weights).to(args.device)
+        generate_kwargs = default_sampling(args.model, args.weights)
+    plan = calibrate(
+        pipe,
+        args.budget,
+        inputs,
+        samples=args.samples,
+        combine=args.combine,
+        num_drafters=args.drafters,
+        refiner_start=args.refiner_start,
+        refiner_end=args.refiner_end,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        model=args.model,
+        progress=True,
+        **generate_kwargs,
+    )
+    if selection:
+        plan = dataclasses.replace(plan, selection=selection)
+    plan.save(out)
+    written = [out]
+    if not args.no_plots:
+        from ..calibration.plots import plot_plan
+
+        written += plot_plan(plan, out)
+    drafters = {k: list(d) for k, d in enumerate(plan.drafters) if d}
+    print(
+        f"calibrated {args.model} at budget {plan.budget:g} (B = {plan.average_capacity:g} tokens per layer) on "
+        f"{plan.provenance['statistics']['samples']} samples; drafters per scale {drafters}"
+    )
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
