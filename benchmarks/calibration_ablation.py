@@ -31,7 +31,7 @@ from scalekv.metrics import psnr, ssim
 
 BASE = {
     "combine": "product",
-    "num_drafters": 5,
+    "num_drafters": None,  # the default rule: max(compressed scales, 7% of the compressed pairs)
     "refiner_start": 1.0,
     "refiner_end": 0.8,
     "samples": 16,
@@ -62,7 +62,7 @@ def settings(block: str) -> list[tuple[str, dict]]:
         pairs = [(1.0, 1.0), (1.0, 0.9), (1.0, 0.8), (1.0, 0.6), (0.923, 0.492)]
         return [(f"refiners {s:g} -> {e:g} of B", {"refiner_start": s, "refiner_end": e}) for s, e in pairs]
     if block == "drafters":
-        return [(f"N_d = {n}", {"num_drafters": n}) for n in (0, 1, 2, 3, 5, 8, 12)]
+        return [(f"N_d = {n}", {"num_drafters": n}) for n in (0, 1, 2, 3, 4, 5, 8, 12)]
     if block == "samples":
         return [(f"{n} calibration images", {"samples": n}) for n in (1, 2, 4, 8, 16, 32, 64)]
     if block == "selection":

@@ -1,24 +1,23 @@
-"""``scalekv`` command line. Each subcommand lives in ``scalekv/commands/<name>.py`` with ``add_parser``."""
+"""``scalekv`` command line: one subcommand per module in ``scalekv/commands/``, each with ``add_parser(sub)``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-COMMANDS = ["generate", "demo", "plan", "train", "calibrate", "eval"]
+from .commands import calibrate, demo, generate, plan, train
+from .commands import eval as evaluate
+
+COMMANDS = (generate, demo, plan, train, calibrate, evaluate)  # the order `scalekv --help` lists them in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scalekv", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scalekv",
+        description="VAR and Infinity image generation with a compressed KV cache (ScaleKV and its baselines)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"scalekv.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"scalekv.commands.{name}":
-                continue  # not built yet
-            raise
+    for module in COMMANDS:
         module.add_parser(sub)
     return parser
 

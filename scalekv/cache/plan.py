@@ -261,6 +261,9 @@ class Plan:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's mode, not mkstemp's private 0600
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

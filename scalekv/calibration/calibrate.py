@@ -35,8 +35,10 @@ from .asi import COMBINES, asi, pick_drafters, standardise
 from .stats import AttentionStatsCache
 
 # Defaults chosen from the ablations on the demo model (README, "Calibration"): see there for the numbers.
-DEFAULT_COMBINE = "sum"
-DEFAULT_DRAFTER_SHARE = 0.07  # drafters as a share of the (scale, layer) pairs of the compressed scales
+DEFAULT_COMBINE = "product"
+# N_d: this share of the (scale, layer) pairs of the compressed scales (the released Infinity plans: 6-7%), but at
+# least one drafter per compressed scale on average (what a shallow model such as the demo's needs)
+DEFAULT_DRAFTER_SHARE = 0.07
 
 
 @dataclass(frozen=True)
@@ -124,9 +126,10 @@ def collect_stats(
     return AttentionStats(schedule, collector.top_k, len(inputs), current, topk)
 
 
-def default_num_drafters(pairs: int, share: float = DEFAULT_DRAFTER_SHARE) -> int:
-    """``round(share * pairs)``, at least one: the drafter count for ``pairs`` compressed (scale, layer) pairs."""
-    return max(1, round(share * pairs))
+def default_num_drafters(scales: int, layers: int, share: float = DEFAULT_DRAFTER_SHARE) -> int:
+    """N_d for ``scales`` compressed scales of ``layers`` layers: ``round(share * scales * layers)``, at least
+    ``scales`` (one drafter per compressed scale on average)."""
+    return max(scales, round(share * scales * layers))
 
 
 def plan_from_stats(
@@ -159,7 +162,7 @@ def plan_from_stats(
     compressed = [] if first is None else list(range(first, len(scales) - 1))
     pairs = len(compressed) * layers
     if num_drafters is None:
-        num_drafters = default_num_drafters(pairs) if pairs else 0
+        num_drafters = default_num_drafters(len(compressed), layers) if layers > 1 else 0
     if isinstance(num_drafters, bool) or not isinstance(num_drafters, int) or not 0 <= num_drafters <= pairs:
         raise ValueError(
             f"num_drafters={num_drafters!r}: expected an integer in 0..{pairs} "

@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--drafters",
         type=int,
         default=None,
-        help=f"N_d, drafter (scale, layer) pairs (default {DEFAULT_DRAFTER_SHARE:.0%} of the compressed pairs)",
+        help=f"N_d, drafter (scale, layer) pairs (default {DEFAULT_DRAFTER_SHARE * 100:.0f}%% of the compressed pairs, "
+        "at least one per compressed scale)",
     )
     p.add_argument(
         "--refiner-start",

@@ -70,6 +70,42 @@ def save_images(images: torch.Tensor, out: Path, prefix: str = "") -> list[Path]
     return paths
 
 
+def run_stats(cache, gen) -> dict:
+    """What every ``stats.json`` reports about a generation's KV cache and time, whatever the model.
+
+    Bytes are K and V of every layer and row; "retained" is what the cache holds after the last scale, "full" what
+    the full cache would hold, "peak" the most it held at once. ``average_capacity`` is ``B`` in tokens per layer
+    (the plan's; the whole prefix for the full cache)."""
+    retained = gen.scales[-1].kv_bytes
+    plan = getattr(cache, "plan", None)
+    return {
+        "budget": cache.budget,
+        "average_capacity": plan.average_capacity if plan is not None else cache.layout.scales[-1].start,
+        "kv_bytes_retained": retained,
+        "kv_bytes_full": gen.kv_bytes_full,
+        "kv_bytes_peak": gen.kv_bytes_peak,
+        "kv_retained_ratio": retained / gen.kv_bytes_full,
+        "kv_peak_ratio": gen.kv_bytes_peak / gen.kv_bytes_full,
+        "seconds": gen.seconds,
+        "compress_seconds": cache.compress_seconds,
+        "cache_lengths_per_scale": [s.cache_lengths for s in gen.scales],
+        "kv_bytes_per_scale_and_layer": cache.scale_nbytes,
+    }
+
+
+def write_outputs(out: Path, gen, cache, stats: dict, what: str) -> int:
+    """Write the PNGs and ``stats.json`` (``stats`` describes the inputs; :func:`run_stats` is added) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = save_images(gen.images, out)
+    stats = {**stats, "images": [p.name for p in paths], **run_stats(cache, gen)}
+    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    print(
+        f"wrote {len(paths)} {what} and stats.json to {out} ({gen.seconds:.2f} s, KV "
+        f"{stats['kv_bytes_retained'] / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..hub import load_pipeline
     from ..infinity_pipeline import infinity_names
@@ -81,43 +117,24 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} applies to Infinity models only, not {args.model!r}")
     if args.labels is None:
         raise ValueError(f"--labels is required for {args.model!r}")
-    args.cfg = 1.5 if args.cfg is None else args.cfg
-    args.top_p = 0.96 if args.top_p is None else args.top_p
+    cfg = 1.5 if args.cfg is None else args.cfg
+    top_p = 0.96 if args.top_p is None else args.top_p
     labels = parse_labels(args.labels)
     cache = cache_from_args(args)
     pipe = load_pipeline(args.model, args.weights).to(args.device)
-    gen = pipe.generate(
-        labels, cache=cache, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed, greedy=args.greedy
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = save_images(gen.images, out)
-    retained = gen.scales[-1].kv_bytes
-    plan = getattr(cache, "plan", None)
+    gen = pipe.generate(labels, cache=cache, cfg=cfg, top_k=args.top_k, top_p=top_p, seed=args.seed, greedy=args.greedy)
     stats = {
         "model": args.model,
         "policy": args.policy,
-        "budget": cache.budget,
-        "average_capacity": plan.average_capacity if plan is not None else None,
+        "plan": args.plan,
         "labels": labels,
         "seed": args.seed,
-        "images": [p.name for p in paths],
-        "kv_bytes_retained": retained,
-        "kv_bytes_full": gen.kv_bytes_full,
-        "kv_bytes_peak": gen.kv_bytes_peak,
-        "kv_retained_ratio": retained / gen.kv_bytes_full,
-        "kv_peak_ratio": gen.kv_bytes_peak / gen.kv_bytes_full,
-        "seconds": gen.seconds,
-        "compress_seconds": cache.compress_seconds,
-        "cache_lengths_per_scale": [s.cache_lengths for s in gen.scales],
-        "kv_bytes_per_scale_and_layer": cache.scale_nbytes,
+        "cfg": cfg,
+        "top_k": args.top_k,
+        "top_p": top_p,
+        "greedy": args.greedy,
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
-    print(
-        f"wrote {len(paths)} images and stats.json to {out} ({gen.seconds:.2f} s, "
-        f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)"
-    )
-    return 0
+    return write_outputs(Path(args.out), gen, cache, stats, "images")
 
 
 def run_infinity(args: argparse.Namespace) -> int:
@@ -140,15 +157,10 @@ def run_infinity(args: argparse.Namespace) -> int:
     gen = pipe.generate(
         args.prompt, schedule=schedule, cache=cache, cfg=cfg, tau=tau, top_k=args.top_k, top_p=top_p, seed=args.seed
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = save_images(gen.images, out)
-    retained = gen.scales[-1].kv_bytes
     height, width = schedule.image_size
     stats = {
         "model": args.model,
         "policy": args.policy,
-        "budget": cache.budget,
         "plan": args.plan,
         "prompts": args.prompt,
         "size": f"{width}x{height}",
@@ -158,17 +170,5 @@ def run_infinity(args: argparse.Namespace) -> int:
         "tau": tau,
         "top_k": args.top_k,
         "top_p": top_p,
-        "images": [p.name for p in paths],
-        "kv_bytes_retained": retained,
-        "kv_bytes_full": gen.kv_bytes_full,
-        "kv_bytes_peak": gen.kv_bytes_peak,
-        "kv_retained_ratio": retained / gen.kv_bytes_full,
-        "seconds": gen.seconds,
-        "cache_lengths_per_scale": [s.cache_lengths for s in gen.scales],
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
-    print(
-        f"wrote {len(paths)} {width}x{height} images and stats.json to {out} ({gen.seconds:.2f} s, "
-        f"KV {retained / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)"
-    )
-    return 0
+    return write_outputs(Path(args.out), gen, cache, stats, f"{width}x{height} images")
