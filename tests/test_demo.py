@@ -56,7 +56,8 @@ def tiny_demo_dir(tmp_path_factory):
 
 def test_demo_rows_compare_against_the_full_cache(tiny_demo_dir):
     pipe = load_pipeline("demo", str(tiny_demo_dir))
-    rows = run_demo(pipe, [0, 1, 2], seed=0, sampling={"cfg": 1.5, "top_k": 0, "top_p": 0.0})
+    sampling = {"cfg": 1.5, "top_k": 0, "top_p": 0.0}
+    rows = run_demo(pipe, [0, 1, 2], seed=0, sampling=sampling, model="demo", weights=str(tiny_demo_dir))
     assert [(r.policy, r.budget) for r in rows] == [(n, b) for n, b, _ in cache_settings()]
     full = rows[0]
     for r in rows[1:]:
@@ -66,6 +67,9 @@ def test_demo_rows_compare_against_the_full_cache(tiny_demo_dir):
         assert r.psnr == pytest.approx(expected)
     text = table(rows)
     assert text.count("\n") == len(rows) + 1 and "| full |" in text
+    # this model ships no ScaleKV plans, so the demo calibrated one for it (and says so)
+    scalekv = [r for r in rows if r.policy == "scalekv"]
+    assert scalekv and all(r.options["plan"].startswith("calibrated now") for r in scalekv)
 
 
 def test_demo_command_writes_grid_table_and_json(tiny_demo_dir, tmp_path, capsys):

@@ -456,7 +456,17 @@ def test_generate_command_on_a_tiny_local_model(tmp_path):
     assert stats["size"] == "256x256" and stats["images"] == ["0000.png", "0001.png"]
     assert stats["kv_bytes_retained"] == stats["kv_bytes_full"] == stats["kv_bytes_peak"]
     assert len(stats["cache_lengths_per_scale"]) == 7 and stats["cache_lengths_per_scale"][-1] == [521] * 4
+    assert stats["average_capacity"] == 265 and stats["compress_seconds"] == 0.0  # the full cache: the whole prefix
     assert main([*args[:-2], "--out", str(tmp_path / "bad"), "--labels", "3"]) == 2  # labels are for VAR
+    # a compressing policy: the same KV and time fields as VAR's stats.json, from what the cache held
+    assert main([*args[:-2], "--policy", "snapkv", "--budget", "0.2", "--out", str(tmp_path / "snap")]) == 0
+    snap = json.loads((tmp_path / "snap" / "stats.json").read_text())
+    assert snap["policy"] == "snapkv" and snap["budget"] == 0.2 and snap["average_capacity"] == round(0.2 * 265)
+    assert snap["cache_lengths_per_scale"][-2] == [53] * 4  # B tokens per layer carried into the last scale
+    assert [sum(b) for b in snap["kv_bytes_per_scale_and_layer"]][-1] == snap["kv_bytes_retained"]
+    assert snap["kv_bytes_retained"] <= snap["kv_bytes_peak"] < snap["kv_bytes_full"] == stats["kv_bytes_full"]
+    assert snap["kv_peak_ratio"] == snap["kv_bytes_peak"] / snap["kv_bytes_full"]
+    assert snap["compress_seconds"] > 0
 
 
 def test_core_package_imports_without_transformers(tmp_path):

@@ -326,7 +326,8 @@ def test_cli_generate_writes_images_and_stats(cli_pipe, tmp_path):
     assert rc == 0
     stats = json.loads((out / "stats.json").read_text())
     assert sorted(p.name for p in out.glob("*.png")) == stats["images"] and len(stats["images"]) == 2
-    assert stats["policy"] == "snapkv" and stats["budget"] == 0.1
+    assert stats["policy"] == "snapkv" and stats["budget"] == 0.1 and stats["average_capacity"] == round(0.1 * 55)
+    assert (stats["cfg"], stats["top_k"], stats["top_p"], stats["greedy"]) == (1.5, 900, 0.96, False)
     assert 0 < stats["kv_bytes_retained"] < stats["kv_bytes_full"]
     assert stats["kv_bytes_retained"] <= stats["kv_bytes_peak"] < stats["kv_bytes_full"]
     assert stats["kv_peak_ratio"] == stats["kv_bytes_peak"] / stats["kv_bytes_full"]

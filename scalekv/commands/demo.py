@@ -87,8 +87,9 @@ def scalekv_plan(pipe, model: str, weights: str | None, budget: float, sampling:
     return plan, f"calibrated now on {CALIBRATION_SAMPLES} images (no plan ships with this model)"
 
 
-def run_demo(pipe, labels, seed: int, sampling: dict, model: str = "demo", weights: str | None = None) -> list[DemoRow]:
-    """Generate ``labels`` under every cache setting; the first row is the full cache (the reference)."""
+def run_demo(pipe, labels, seed: int, sampling: dict, *, model: str, weights: str | None) -> list[DemoRow]:
+    """Generate ``labels`` under every cache setting; the first row is the full cache (the reference). ``model``
+    and ``weights`` (as given to ``load_pipeline``) locate ScaleKV's shipped plans."""
     from ..cache import make_cache
     from ..metrics import psnr, ssim
 
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.weights)
     sampling = default_sampling(args.model, args.weights)
     labels = list(DEMO_LABELS)
-    rows = run_demo(pipe, labels, args.seed, sampling, args.model, args.weights)
+    rows = run_demo(pipe, labels, args.seed, sampling, model=args.model, weights=args.weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from ..data import CLASSES

@@ -22,9 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default="1024x1024", help="Infinity: WIDTHxHEIGHT, mapped to the nearest template")
     p.add_argument("--tau", type=float, default=None, help="Infinity: logit temperature (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: VAR 1.5, Infinity 3)")
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=None, help="default: VAR 0.96, Infinity 0.97")
+    p.add_argument(
+        "--cfg", type=float, default=None, help="guidance scale (default: VAR 1.5, Infinity 3, demo its own)"
+    )
+    p.add_argument("--top-k", type=int, default=None, help="default: 900 (demo: its own)")
+    p.add_argument("--top-p", type=float, default=None, help="default: VAR 0.96, Infinity 0.97, demo its own")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--policy", default="full", help="cache policy name (see `scalekv plan` / README)")
     p.add_argument("--budget", type=float, default=None, help="KV budget fraction in (0, 1]")
@@ -107,7 +109,7 @@ def write_outputs(out: Path, gen, cache, stats: dict, what: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import load_pipeline
+    from ..hub import default_sampling, load_pipeline
     from ..infinity_pipeline import infinity_names
 
     if args.model in infinity_names():
@@ -117,12 +119,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} applies to Infinity models only, not {args.model!r}")
     if args.labels is None:
         raise ValueError(f"--labels is required for {args.model!r}")
-    cfg = 1.5 if args.cfg is None else args.cfg
-    top_p = 0.96 if args.top_p is None else args.top_p
     labels = parse_labels(args.labels)
+    sampling = default_sampling(args.model, args.weights)  # the official VAR settings; the demo model's own
+    cfg = sampling["cfg"] if args.cfg is None else args.cfg
+    top_k = sampling["top_k"] if args.top_k is None else args.top_k
+    top_p = sampling["top_p"] if args.top_p is None else args.top_p
     cache = cache_from_args(args)
     pipe = load_pipeline(args.model, args.weights).to(args.device)
-    gen = pipe.generate(labels, cache=cache, cfg=cfg, top_k=args.top_k, top_p=top_p, seed=args.seed, greedy=args.greedy)
+    gen = pipe.generate(labels, cache=cache, cfg=cfg, top_k=top_k, top_p=top_p, seed=args.seed, greedy=args.greedy)
     stats = {
         "model": args.model,
         "policy": args.policy,
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "labels": labels,
         "seed": args.seed,
         "cfg": cfg,
-        "top_k": args.top_k,
+        "top_k": top_k,
         "top_p": top_p,
         "greedy": args.greedy,
     }
@@ -151,11 +155,12 @@ def run_infinity(args: argparse.Namespace) -> int:
     schedule = schedule_for_size(*parse_size(args.size))
     cfg = 3.0 if args.cfg is None else args.cfg
     tau = 0.5 if args.tau is None else args.tau
+    top_k = 900 if args.top_k is None else args.top_k
     top_p = 0.97 if args.top_p is None else args.top_p
     cache = cache_from_args(args, schedule)
     pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
     gen = pipe.generate(
-        args.prompt, schedule=schedule, cache=cache, cfg=cfg, tau=tau, top_k=args.top_k, top_p=top_p, seed=args.seed
+        args.prompt, schedule=schedule, cache=cache, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=args.seed
     )
     height, width = schedule.image_size
     stats = {
@@ -168,7 +173,7 @@ def run_infinity(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "cfg": cfg,
         "tau": tau,
-        "top_k": args.top_k,
+        "top_k": top_k,
         "top_p": top_p,
     }
     return write_outputs(Path(args.out), gen, cache, stats, f"{width}x{height} images")
