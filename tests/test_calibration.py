@@ -206,3 +206,22 @@ def test_demo_ships_calibrated_plans_that_the_cache_uses_by_default(percent):
     assert plan.budget == pytest.approx(percent / 100) and plan.provenance["rule"] == "scalekv-asi"
     assert policy_defaults("demo", "scalekv", percent / 100) == {"plan": str(path)}
     assert default_plan("demo", 0.15) is None and policy_defaults("demo", "snapkv", 0.1) == {}
+
+
+def test_calibration_runs_on_infinity_and_its_plan_drives_the_cache():
+    """The same statistics and plan on a text-to-image model (tiny random Infinity, its first 6 scales)."""
+    from .test_infinity import random_text
+    from .test_infinity import tiny_pipeline as tiny_infinity
+    from .test_infinity_policies import SCHEDULE
+
+    inf = tiny_infinity(vae_overrides=dict(base_ch=8, groups=8))
+
+    def gen(batch, *, cache, seed):
+        return inf.generate(random_text([3] * len(batch), seed=batch[0]), schedule=SCHEDULE, top_k=1, cache=cache)
+
+    stats = collect_stats(gen, [0, 1], budget=0.3, batch_size=1)
+    assert stats.current.shape == (len(SCHEDULE.scales), inf.model.cfg.depth)
+    plan = plan_from_stats(stats, 0.3, num_drafters=2)
+    generation = inf.generate(random_text([3]), schedule=SCHEDULE, top_k=1, cache=make_cache("scalekv", plan=plan))
+    for k in plan.compressed_scales:
+        assert generation.scales[k].cache_lengths == list(plan.capacities[k])
