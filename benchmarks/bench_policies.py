@@ -10,12 +10,12 @@ Random weights (memory and time do not depend on them). For each policy and budg
   fastest of ``--repeat`` runs, interleaved so that drifts in machine load hit every row alike;
 * compress share: the seconds the cache spent compressing (scoring, selection, gather) over that generation's time.
 
-    .venv/bin/python benchmarks/bench_policies.py --depth 6 --vae-ch 32 --threads 1 --clock cpu --repeat 1
+    .venv/bin/python benchmarks/bench_policies.py --depth 8 --vae-ch 32 --threads 1 --clock cpu --repeat 1
 
 On a shared host, ``--threads 1 --clock cpu`` measures this process's CPU seconds, which other processes' load
 does not inflate as it does wall time; on a dedicated machine or GPU use the default wall clock.
 
-ScaleKV runs with the SPEC §4 rule plan for the drafters given by ``--drafters`` (no calibration yet).
+ScaleKV runs with the SPEC §4 rule plan for the drafters given by ``--drafters``.
 """
 
 from __future__ import annotations

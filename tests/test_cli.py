@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import scalekv.commands
-from scalekv.cli import COMMANDS, main
+from scalekv.cli import COMMANDS, build_parser, main
 
 NAMES = [m.__name__.rsplit(".", 1)[-1] for m in COMMANDS]
 
@@ -53,3 +53,18 @@ def test_generate_on_the_demo_model_uses_its_sampling_and_calibrated_plan(tmp_pa
     saved = np.stack([np.asarray(Image.open(out / name)) for name in stats["images"]])
     expected = direct.images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(saved, expected)
+
+
+def test_infinity_scalekv_without_plan_takes_the_released_plan_at_1024_only():
+    from scalekv.cache.plan import PLANS_DIR
+    from scalekv.commands.generate import cache_from_args
+    from scalekv.models.schedules import get_schedule
+
+    argv = ["generate", "--model", "infinity-2b", "--prompt", "a fox", "--policy", "scalekv", "--budget", "0.1"]
+    args = build_parser().parse_args([*argv, "--out", "unused"])
+    cache = cache_from_args(args, get_schedule(1.0, "1M"))
+    assert args.plan == str(PLANS_DIR / "infinity_2b_10pct.json")
+    assert cache.budget == 0.1 and cache.fixed_plan.average_capacity == 650
+    args = build_parser().parse_args([*argv, "--out", "unused"])
+    with pytest.raises(ValueError, match="exactly one of plan"):  # 512x512: no released plan, --plan is needed
+        cache_from_args(args, get_schedule(1.0, "0.25M"))

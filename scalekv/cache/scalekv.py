@@ -37,7 +37,7 @@ class ScaleKV(ScoredPolicy):
     """ScaleKV (SPEC §5) at the capacities of a plan.
 
     The plan is ``plan`` (a :class:`~scalekv.cache.plan.Plan` or a plan file: ours or a released budget file), or,
-    until calibration exists, the SPEC §4 rule for an explicit ``drafters`` list (layers, or scale -> layers) with
+    without a calibrated plan, the SPEC §4 rule for an explicit ``drafters`` list (layers, or scale -> layers) with
     refiners decaying from ``refiner_start`` to ``refiner_end`` times ``B``. ``budget`` may be left out with a plan
     (the plan's is used); given, it must be the plan's.
 

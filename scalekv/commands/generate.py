@@ -82,7 +82,7 @@ def run_stats(cache, gen) -> dict:
     plan = getattr(cache, "plan", None)
     return {
         "budget": cache.budget,
-        "average_capacity": plan.average_capacity if plan is not None else cache.layout.scales[-1].start,
+        "average_capacity": float(plan.average_capacity if plan is not None else cache.layout.scales[-1].start),
         "kv_bytes_retained": retained,
         "kv_bytes_full": gen.kv_bytes_full,
         "kv_bytes_peak": gen.kv_bytes_peak,
