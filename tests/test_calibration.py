@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -99,6 +100,9 @@ def test_calibrated_plan_round_trips_and_drives_the_cache(stats, pipe, tmp_path)
     path = plan.save(tmp_path / "plan.json")
     again = load_plan(path)
     assert again == plan
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's private 0600
     assert stats_from_plan(again).current.shape == (6, 4)
     cache = make_cache("scalekv", plan=path)
     gen = pipe.generate([1, 2], cache=cache, seed=0)
