@@ -198,6 +198,9 @@ def test_cli_writes_plan_and_plots_and_refuses_bad_paths(tmp_path, capsys, monke
     assert main([*argv, "--prompts", "p.txt", "--out", str(tmp_path / "p.json")]) == 2
     assert "Infinity models only" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+    assert main(["plan", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "calibrated: ASI product, N_d = 1 of 8 pairs" in shown and "selection: grid 2" in shown
 
 
 @pytest.mark.parametrize("percent", [4, 10, 20])

@@ -63,7 +63,9 @@ def plot_capacities(plan: Plan, path: str | Path) -> Path:
     ax.axhline(
         plan.average_capacity, color="black", linestyle="--", linewidth=1, label=f"B = {plan.average_capacity:g}"
     )
-    ax.set_yscale("log")
+    shown = [c for k in plan.compressed_scales for c in plan.capacities[k]]
+    if shown and max(shown) > 20 * min(shown):  # drafters near-uncompressed next to small refiners (Infinity)
+        ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("tokens kept")
     ax.set_title(f"capacities per layer and scale; budget {plan.budget:g}", fontsize=9)

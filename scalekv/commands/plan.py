@@ -61,6 +61,7 @@ def summary(plan: Plan) -> dict[str, Any]:
         "schedule": [list(hw) for hw in plan.schedule],
         "compressed_scales": plan.compressed_scales,
         "scales": scales,
+        "selection": dict(plan.selection),
         "provenance": dict(plan.provenance),
     }
 
@@ -72,12 +73,29 @@ def _mean(values: list[float]) -> int | float | None:
     return int(m) if m == int(m) else round(m, 2)
 
 
+def _origin(info: dict[str, Any]) -> list[str]:
+    """Lines on how a plan was made (calibration settings) and the selection settings it records, if any."""
+    lines = []
+    prov = info["provenance"]
+    if prov.get("rule") == "scalekv-asi":
+        stats = prov.get("statistics", {})
+        lines.append(
+            f"calibrated: ASI {prov.get('combine')}, N_d = {prov.get('num_drafters')} of "
+            f"{prov.get('compressed_pairs')} pairs, refiners {prov.get('refiner_start'):.3g} -> "
+            f"{prov.get('refiner_end'):.3g} of B, K' = {stats.get('top_k')}, {stats.get('samples')} samples"
+        )
+    if info["selection"]:
+        lines.append("selection: " + ", ".join(f"{k} {v}" for k, v in info["selection"].items()))
+    return lines
+
+
 def render(info: dict[str, Any]) -> str:
     """Human-readable tables: one line per scale, then the capacity matrix (layers x scales)."""
     lines = [
         f"plan {info['model'] or '(unnamed)'}: budget {info['budget']}, "
         f"B = {info['average_capacity']} tokens per layer, {info['num_layers']} layers, "
         f"{len(info['schedule'])} scales, compressed after scales {info['compressed_scales']}",
+        *_origin(info),
         "",
         f"{'scale':>5} {'size':>7} {'end':>6} {'compr':>5} {'drafter':>8} {'refiner':>8} {'mean':>8}  drafters",
     ]
