@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write_text
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -59,12 +61,6 @@ def config_from_json(cls, data: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _without_steps(config: dict) -> dict:
     """The run config minus the total step count, which a resumed run may change (to extend or shorten it; the
     cosine schedule then follows the new total)."""
@@ -87,7 +83,7 @@ class Run:
                     f"run folder {str(self.folder)!r} holds a run with a different config (differs in {changed}); "
                     "use a new --run folder or the same settings to resume (only --steps may change)"
                 )
-        write_text_atomic(cfg_path, json.dumps(config, indent=1, sort_keys=True))
+        atomic_write_text(cfg_path, json.dumps(config, indent=1, sort_keys=True))
         self.ckpt = self.folder / "last.pt"
         self.log_path = self.folder / "train.log"
 

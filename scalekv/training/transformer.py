@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..atomic import atomic_write_text
 from ..checkpoint import save_state_file
 from ..models.var import VAR, VARConfig
 from ..models.vqvae import VQVAE, VQVAEConfig
@@ -29,7 +30,6 @@ from .common import (
     make_adamw,
     set_lr,
     step_generator,
-    write_text_atomic,
 )
 
 
@@ -227,5 +227,5 @@ def export_demo(
     paths = [folder / "var.safetensors", folder / "vae.safetensors", folder / "config.json"]
     save_state_file(var.state_dict(), paths[0])
     save_state_file(vae_state, paths[1])
-    write_text_atomic(paths[2], json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(paths[2], json.dumps(meta, indent=1) + "\n")
     return paths
