@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from scalekv.cache import POLICIES, make_cache
-from scalekv.calibration.calibrate import collect_stats, default_inputs, plan_from_stats
+from scalekv.calibration.calibrate import bound_generate, collect_stats, default_inputs, plan_from_stats
 from scalekv.hub import default_sampling, load_pipeline
 from scalekv.metrics import psnr, ssim
 
@@ -91,11 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     def stats(samples: int):
         if samples not in stats_by_samples:
             inputs = default_inputs(pipe.model.cfg.num_classes, samples)
-
-            def gen(batch, *, cache, seed):
-                return pipe.generate(batch, cache=cache, seed=seed, **sampling)
-
-            stats_by_samples[samples] = collect_stats(gen, inputs, budget=args.budget, seed=args.calib_seed)
+            generate = bound_generate(pipe.generate, sampling)
+            stats_by_samples[samples] = collect_stats(generate, inputs, budget=args.budget, seed=args.calib_seed)
         return stats_by_samples[samples]
 
     results = []

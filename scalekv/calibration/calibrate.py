@@ -178,12 +178,11 @@ def plan_from_stats(
             f"num_drafters={num_drafters} makes every layer a drafter at scales {full_scales}: "
             "expected at least one refiner per scale; use fewer drafters"
         )
-    if uniform:
-        plan = rule_plan(scales, layers, budget, drafters, refiner_start=1.0, refiner_end=1.0, model=model)
-    else:
-        plan = rule_plan(
-            scales, layers, budget, drafters, refiner_start=refiner_start, refiner_end=refiner_end, model=model
-        )
+    if uniform:  # refiners at B leave drafters B too
+        refiner_start = refiner_end = 1.0
+    plan = rule_plan(
+        scales, layers, budget, drafters, refiner_start=refiner_start, refiner_end=refiner_end, model=model
+    )
     provenance = {
         "rule": "scalekv-asi",
         "source": "scalekv calibrate (ASI, SPEC §3-§4)",
@@ -191,8 +190,8 @@ def plan_from_stats(
         "num_drafters": num_drafters,
         "compressed_pairs": pairs,
         "uniform_capacities": uniform,
-        "refiner_start": 1.0 if uniform else refiner_start,
-        "refiner_end": 1.0 if uniform else refiner_end,
+        "refiner_start": refiner_start,
+        "refiner_end": refiner_end,
         "average_capacity": avg,
         **(extra or {}),
         "statistics": {**stats.to_dict(), "asi": _rounded(values), "z": _rounded(z)},
@@ -200,12 +199,17 @@ def plan_from_stats(
     return dataclasses.replace(plan, provenance=provenance)
 
 
-def stats_from_plan(plan: Plan) -> AttentionStats:
-    """The statistics a calibrated plan carries (for plots and inspection)."""
+def plan_statistics(plan: Plan) -> dict[str, Any]:
+    """The raw statistics block a calibrated plan carries (current, topk, asi, z, ...); a clear error otherwise."""
     data = plan.provenance.get("statistics")
     if not isinstance(data, dict):
         raise ValueError(f"the plan{' ' + repr(plan.model) if plan.model else ''} carries no calibration statistics")
-    return AttentionStats.from_dict(data)
+    return data
+
+
+def stats_from_plan(plan: Plan) -> AttentionStats:
+    """The statistics a calibrated plan carries (for plots and inspection)."""
+    return AttentionStats.from_dict(plan_statistics(plan))
 
 
 def default_inputs(num_classes: int, samples: int) -> list[int]:
@@ -243,7 +247,7 @@ def calibrate(
         if num_classes is None:
             raise ValueError("this pipeline is not class-conditional: pass inputs=[prompts] to calibrate it")
         inputs = default_inputs(num_classes, samples)
-    bound = _bind(pipe.generate, generate_kwargs)
+    bound = bound_generate(pipe.generate, generate_kwargs)
     stats = collect_stats(bound, inputs, budget=budget, batch_size=batch_size, seed=seed, progress=progress)
     extra = {"seed": seed, "generate": {k: v for k, v in generate_kwargs.items() if _is_plain(v)}}
     return plan_from_stats(
@@ -258,7 +262,10 @@ def calibrate(
     )
 
 
-def _bind(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[..., Any]:
+def bound_generate(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """``fn`` (a pipeline's ``generate``) with ``kwargs`` (sampling settings) bound: what :func:`collect_stats` runs.
+    Binding keeps the sampling ``top_k`` apart from :func:`collect_stats`'s own ``top_k`` (K')."""
+
     def call(batch, *, cache, seed):
         return fn(batch, cache=cache, seed=seed, **kwargs)
 

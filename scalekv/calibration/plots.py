@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cache.plan import Plan
-from .calibrate import stats_from_plan
+from .calibrate import plan_statistics
 
 
 def _pyplot():
@@ -31,8 +31,7 @@ def plot_asi(plan: Plan, path: str | Path) -> Path:
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
-    stats_from_plan(plan)  # raises a clear error for a plan without calibration statistics
-    values = plan.provenance["statistics"]["asi"]
+    values = plan_statistics(plan)["asi"]
     layers, scales = plan.num_layers, len(plan.schedule)
     grid = [[values[k][layer] for k in range(scales)] for layer in range(layers)]
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * scales, 1.2 + 0.3 * layers), constrained_layout=True)

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 BUDGETS = (0.1, 0.2)
-# extra constructor arguments a policy needs beyond its budget; a policy that needs more than `budget` and is not
-# listed here stops the demo with its own error (nothing is skipped). ScaleKV's plan is not listed: it is the plan
-# shipped with the model for the budget (scalekv/weights/demo/plans/), or, for a model that ships none, one that
-# `calibrate` makes on the spot (CALIBRATION_SAMPLES images, seed 1000: never the demo's own images).
-POLICY_OPTIONS: dict[str, dict] = {}
+# A policy gets its budget and what scalekv.hub.policy_defaults ships for the model (ScaleKV: its plan in
+# scalekv/weights/demo/plans/); a model that ships no ScaleKV plan gets one `calibrate` makes on the spot
+# (CALIBRATION_SAMPLES images, seed 1000: never the demo's own images). A policy that needs more stops the demo with
+# its own error (nothing is skipped).
 CALIBRATION_SAMPLES = 16
 DEMO_LABELS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
 
@@ -70,38 +69,32 @@ def cache_settings() -> list[tuple[str, float | None, dict]]:
     settings: list[tuple[str, float | None, dict]] = [("full", None, {})]
     for name in POLICIES:
         if name != "full":
-            settings += [(name, b, POLICY_OPTIONS.get(name, {})) for b in BUDGETS]
+            settings += [(name, b, {}) for b in BUDGETS]
     return settings
-
-
-def scalekv_plan(pipe, model: str, weights: str | None, budget: float, sampling: dict):
-    """The model's shipped ScaleKV plan for ``budget``, else one calibrated now; returns (plan, where it came from)."""
-    from ..cache.plan import load_plan
-    from ..calibration.calibrate import calibrate
-    from ..hub import default_plan
-
-    path = default_plan(model, budget, weights)
-    if path is not None:
-        return load_plan(path), path.name
-    plan = calibrate(pipe, budget, samples=CALIBRATION_SAMPLES, model=model, **sampling)
-    return plan, f"calibrated now on {CALIBRATION_SAMPLES} images (no plan ships with this model)"
 
 
 def run_demo(pipe, labels, seed: int, sampling: dict, *, model: str, weights: str | None) -> list[DemoRow]:
     """Generate ``labels`` under every cache setting; the first row is the full cache (the reference). ``model``
     and ``weights`` (as given to ``load_pipeline``) locate ScaleKV's shipped plans."""
     from ..cache import make_cache
+    from ..calibration.calibrate import calibrate
+    from ..hub import policy_defaults
     from ..metrics import psnr, ssim
 
     pipe.generate(labels[:2], seed=seed, **sampling)  # warm-up, so that one-time costs do not count against "full"
     rows: list[DemoRow] = []
     for name, budget, options in cache_settings():
-        if name == "scalekv" and budget is not None and not options:
-            plan, source = scalekv_plan(pipe, model, weights, budget, sampling)
-            options = {"plan": source}
-            cache = make_cache(name, plan=plan)
+        if budget is None:
+            cache = make_cache(name)
         else:
-            cache = make_cache(name) if budget is None else make_cache(name, budget=budget, **options)
+            options = {**policy_defaults(model, name, budget, weights), **options}
+            source = Path(options["plan"]).name if "plan" in options else None
+            if name == "scalekv" and source is None:
+                options["plan"] = calibrate(pipe, budget, samples=CALIBRATION_SAMPLES, model=model, **sampling)
+                source = f"calibrated now on {CALIBRATION_SAMPLES} images (no plan ships with this model)"
+            cache = make_cache(name, budget=budget, **options)
+            if source is not None:  # the row records where the plan came from
+                options = {**options, "plan": source}
         gen = pipe.generate(labels, cache=cache, seed=seed, **sampling)
         row = DemoRow(name, budget, options, gen.images, gen.scales[-2].kv_bytes, gen.kv_bytes_peak, gen.seconds)
         if rows:

@@ -44,15 +44,15 @@ def parse_labels(text: str) -> list[int]:
 
 
 def cache_from_args(args: argparse.Namespace, schedule=None):
-    """The cache ``--policy`` names; ScaleKV without ``--plan`` takes the plan shipped for the model and budget."""
+    """The cache ``--policy`` names; without ``--plan`` it takes what :func:`scalekv.hub.policy_defaults` ships for
+    the model and budget (ScaleKV's plan)."""
     from ..cache import make_cache
-    from ..hub import default_plan
+    from ..hub import policy_defaults
 
-    if args.policy == "scalekv" and not args.plan:
-        path = default_plan(args.model, args.budget, args.weights, schedule)
-        if path is not None:
-            print(f"scalekv: using the plan shipped for {args.model}: {path.name}")
-            args.plan = str(path)
+    if not args.plan:
+        args.plan = policy_defaults(args.model, args.policy, args.budget, args.weights, schedule).get("plan")
+        if args.plan:
+            print(f"scalekv: using the plan shipped for {args.model}: {Path(args.plan).name}")
     kwargs = {}
     if args.budget is not None:
         kwargs["budget"] = args.budget
