@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import torch.nn.functional as F
 
 from .cache.base import KVCache
 from .checkpoint import CheckpointError
+from .generation import Generation, GenerationLoop, check_sampling, make_generator
 from .models.bsq_vae import BSQ_VAE_PRESETS, BSQVAE, BSQVAEConfig, load_bsq_vae, upsample_codes
 from .models.infinity import INFINITY_PRESETS, Infinity, InfinityConfig, TextBatch, load_infinity
 from .models.schedules import ScaleSchedule, schedule_for_size
-from .pipeline import Generation, ScaleRecord, check_sampling
 from .sampling import sample_top_k_top_p
 
 # the official weight files of each preset (looked up in the --weights folder) and its VAE preset
@@ -146,9 +145,8 @@ class InfinityPipeline:
         if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
             raise ValueError(f"tau={tau!r}: expected a positive temperature")
         schedule = schedule if schedule is not None else schedule_for_size(*size)
-        cache = cache if cache is not None else KVCache()
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a scalekv KVCache, got {type(cache).__name__}")
+        loop = GenerationLoop(cache)
+        gen = make_generator(seed, self.device)
         text = self.encode(prompts)
         negative = self.encode(negative_prompts) if negative_prompts is not None else None
         b, scales, use_cfg = text.batch, schedule.scales, cfg != 1
@@ -156,19 +154,16 @@ class InfinityPipeline:
             raise ValueError(
                 f"forced_bits has shape {tuple(forced_bits.shape)}; expected {(b, schedule.total_tokens, m.cfg.d_vae)}"
             )
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(0 if seed is None else int(seed))
-        start = time.perf_counter()
 
         cond = m.condition(text, uncond=use_cfg, negative=negative)
-        cache.reset(m.cache_layout(schedule, rows=cond.rows, cond_rows=b))
+        loop.begin(m.cache_layout(schedule, rows=cond.rows, cond_rows=b))
         rope = m.rope(schedule)
         vae_sizes = schedule.vae_sizes(m.cfg.patchify)
         summed = None
         x = m.first_tokens(cond.cond)
-        records, kept = [], []
+        kept = []
         for scale in scales:
-            logits = m.step(x, cond, cache, scale, rope).mul(1 / tau)
+            logits = m.step(x, cond, loop.cache, scale, rope).mul(1 / tau)
             guided = cfg * logits[:b] + (1 - cfg) * logits[b:] if use_cfg else logits
             if keep_logits:
                 kept.append(guided.clone())
@@ -177,9 +172,7 @@ class InfinityPipeline:
                 bits = bits.view(b, scale.length, m.cfg.d_vae).to(torch.uint8)
             else:
                 bits = forced_bits[:, scale.start : scale.end].to(self.device, torch.uint8)
-            records.append(
-                ScaleRecord(scale.index, scale.h, scale.w, bits, cache.lengths(), cache.nbytes, cache.peak_nbytes)
-            )
+            loop.record(scale, bits)
             codes = vae.lfq.bits_to_codes(self._bits_to_vae_grid(bits, scale.h, scale.w))
             if scale.is_last:
                 summed = codes if summed is None else summed + codes
@@ -188,17 +181,9 @@ class InfinityPipeline:
             summed = up if summed is None else summed + up
             x = m.word_embed(self._next_input(summed, vae_sizes[scale.index + 1]).to(m.word_embed.weight.dtype))
             x = x.repeat(cond.rows // b, 1, 1)
+        loop.finish()
         images = vae.decode(summed).add(1).div(2)
-        seconds = time.perf_counter() - start
-        return Generation(
-            images=images.float(),
-            scales=records,
-            f_hat=summed,
-            kv_bytes_full=cache.layout.full_bytes(m.pos_start.element_size()),
-            kv_bytes_peak=cache.peak_nbytes,
-            seconds=seconds,
-            logits=kept if keep_logits else None,
-        )
+        return loop.result(images, summed, kept if keep_logits else None)
 
     def _bits_to_vae_grid(self, bits: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Token-grid bits (B, h*w, d_vae) -> VAE-grid bits (B, H, W, bits); pixel-shuffled when patchified."""

@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .cache.base import KVCache
 from .checkpoint import CheckpointError
+from .generation import Generation, GenerationLoop, ScaleRecord, check_sampling, make_generator  # noqa: F401
 from .models.var import VAR, VAR_PRESETS, VARConfig, load_var
 from .models.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig, load_vqvae
 from .sampling import sample_top_k_top_p
-
-
-@dataclass
-class ScaleRecord:
-    """What one scale did: its tokens and the cache right after it (per layer lengths, bytes)."""
-
-    index: int
-    h: int
-    w: int
-    tokens: torch.Tensor  # (B, h*w) int64
-    cache_lengths: list[int]  # retained tokens per layer after this scale's compression
-    kv_bytes: int  # retained KV bytes after this scale
-    kv_bytes_peak: int  # peak KV bytes so far
-
-
-@dataclass
-class Generation:
-    images: torch.Tensor  # (B, 3, H, W) float32 RGB in [0, 1]
-    scales: list[ScaleRecord]
-    f_hat: torch.Tensor  # (B, Cvae, P, P) latent the images were decoded from
-    kv_bytes_full: int  # what the full cache would hold after the last scale
-    kv_bytes_peak: int
-    seconds: float
-    logits: list[torch.Tensor] | None = field(default=None, repr=False)  # guided logits per scale, if kept
-
-    @property
-    def tokens(self) -> torch.Tensor:
-        return torch.cat([s.tokens for s in self.scales], dim=1)
 
 
 def _check_labels(labels, num_classes: int) -> torch.Tensor:
@@ -52,15 +22,6 @@ def _check_labels(labels, num_classes: int) -> torch.Tensor:
     if bad.numel():
         raise ValueError(f"labels {bad.tolist()} out of range: expected class ids in [0, {num_classes - 1}]")
     return t.long()
-
-
-def check_sampling(cfg: float, top_k: int, top_p: float) -> None:
-    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
-        raise ValueError(f"cfg={cfg!r}: expected a finite guidance scale >= 0")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k={top_k!r}: expected an integer >= 0 (0 disables top-k)")
-    if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p={top_p!r}: expected a number in [0, 1] (0 disables top-p)")
 
 
 class VARPipeline:
@@ -127,26 +88,20 @@ class VARPipeline:
         m, vae = self.model, self.vae
         labels = _check_labels(labels, m.cfg.num_classes).to(self.device)
         check_sampling(cfg, top_k, top_p)
-        cache = cache if cache is not None else KVCache()
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a scalekv KVCache, got {type(cache).__name__}")
+        loop = GenerationLoop(cache)
+        gen = None if greedy else make_generator(seed, self.device)
         b, scales = labels.shape[0], m.cfg.scales
-        gen = None
-        if not greedy:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(0 if seed is None else int(seed))
-        start = time.perf_counter()
 
-        cache.reset(m.cache_layout(rows=2 * b, cond_rows=b))
+        loop.begin(m.cache_layout(rows=2 * b, cond_rows=b))
         cond = m.class_emb(torch.cat((labels, torch.full_like(labels, m.cfg.num_classes))))
         block_cond = m.block_condition(cond)
         lvl_pos = m.level_pos()
         x = m.first_tokens(cond, lvl_pos)
         full = m.cfg.patch_nums[-1]
         f_hat = cond.new_zeros(b, m.cfg.z_channels, full, full, dtype=torch.float32)
-        records, kept = [], []
+        kept = []
         for scale in scales:
-            logits = m.step(x, cond, block_cond, cache, scale)
+            logits = m.step(x, cond, block_cond, loop.cache, scale)
             t = cfg * scale.index / (len(scales) - 1)
             guided = (1 + t) * logits[:b] - t * logits[b:]
             if keep_logits:
@@ -154,28 +109,15 @@ class VARPipeline:
             idx = (
                 guided.argmax(dim=-1) if greedy else sample_top_k_top_p(guided, top_k=top_k, top_p=top_p, generator=gen)
             )
-            records.append(
-                ScaleRecord(scale.index, scale.h, scale.w, idx, cache.lengths(), cache.nbytes, cache.peak_nbytes)
-            )
+            loop.record(scale, idx)
             f_hat, nxt = vae.quantize.next_input(scale.index, f_hat, idx)
             if nxt is not None:
                 nxt_scale = scales[scale.index + 1]
                 x = m.word_embed(nxt.to(m.word_embed.weight.dtype)) + lvl_pos[:, nxt_scale.start : nxt_scale.end]
                 x = x.repeat(2, 1, 1)
+        loop.finish()
         images = vae.decode(f_hat).add_(1).mul_(0.5)
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        seconds = time.perf_counter() - start
-        elem = m.pos_start.element_size()
-        return Generation(
-            images=images.float(),
-            scales=records,
-            f_hat=f_hat,
-            kv_bytes_full=cache.layout.full_bytes(elem),
-            kv_bytes_peak=cache.peak_nbytes,
-            seconds=seconds,
-            logits=kept if keep_logits else None,
-        )
+        return loop.result(images, f_hat, kept if keep_logits else None)
 
 
 def _find(folder: Path | None, names: list[str]) -> Path:

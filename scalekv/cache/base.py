@@ -17,17 +17,23 @@ never see a policy. Rows are ``[cond; uncond]`` under classifier-free guidance a
 Attention logits are ``layout.softmax_scale * q @ k^T``: the queries carry the learned scale, and the models with
 normalised q, k (VAR ``attn_l2_norm``, Infinity ``cos_attn``) attend with ``softmax_scale = 1``.
 
-Accounting lives here, computed from what the cache holds: current and peak KV bytes, retained tokens and bytes per
-layer after every scale, and the seconds spent compressing (``compress_seconds``).
+Storage is a replaceable store (:mod:`scalekv.cache.store`), allocated once per generation at ``reset`` from the
+plan's lengths. Accounting lives here: ``nbytes`` (KV bytes held now), ``peak_nbytes`` (``kv_bytes_peak``: the most KV
+bytes alive at once, the store's allocation and its scratch), tokens and bytes every layer holds after every scale
+(``scale_lengths``, ``scale_nbytes``; zero after the last scale, whose map is never stored), ``history_nbytes``
+(``kv_bytes_history``) and the seconds spent compressing (``compress_seconds``).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .store import KVStore, LayerKV  # noqa: F401  (LayerKV: the type policies read)
 
 
 @dataclass(frozen=True)
@@ -73,54 +79,31 @@ class CacheLayout:
     rows: int  # batch rows held by the cache, CFG halves included
     cond_rows: int  # the first ``cond_rows`` rows are conditional, the rest unconditional
     softmax_scale: float = 1.0  # the attention computes softmax(softmax_scale * q @ k^T) over what it is given
+    dtype: torch.dtype = torch.float32  # what the attention computes in (the autocast dtype under autocast)
+    device: torch.device = torch.device("cpu")
 
     @property
     def total_tokens(self) -> int:
         return self.scales[-1].end
 
-    def full_bytes(self, element_size: int) -> int:
-        """KV bytes of the uncompressed cache after the last scale (K and V, every layer)."""
-        return 2 * self.num_layers * self.rows * self.total_tokens * self.num_heads * self.head_dim * element_size
-
-
-class LayerKV:
-    """Keys and values of one layer, ``(rows, heads, tokens, head_dim)``, every head holding the same length.
-
-    All storage changes go through :meth:`append` and :meth:`keep`, which report the byte delta, so a later
-    preallocated or quantised store can replace this class without touching the cache logic.
-    """
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
     @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    def token_bytes(self) -> int:
+        """Bytes of one token's K and V over every row and head, in :attr:`dtype`."""
+        return 2 * self.rows * self.num_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-    @property
-    def nbytes(self) -> int:
-        if self.k is None:
-            return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+    def reference_bytes(self) -> int:
+        """``kv_bytes_reference``: what the official implementation's full cache holds at the end of a generation
+        (every token of every scale, every layer, K and V in the compute dtype)."""
+        return self.num_layers * self.total_tokens * self.token_bytes
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Append new tokens along the token axis; returns the bytes added."""
-        before = self.nbytes
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat((self.k, k), dim=2)
-            self.v = torch.cat((self.v, v), dim=2)
-        return self.nbytes - before
 
-    def keep(self, index: torch.Tensor) -> int:
-        """Keep the tokens ``index`` ``(rows, heads, n)`` per row and head; returns the bytes added (<= 0)."""
-        before = self.nbytes
-        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
-        self.k = torch.gather(self.k, 2, gather)
-        self.v = torch.gather(self.v, 2, gather)
-        return self.nbytes - before
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype a model with parameter ``param`` computes its attention in: the autocast dtype when autocast is on
+    for the parameter's device, else the parameter's dtype."""
+    kind = param.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return param.dtype
 
 
 def check_budget(budget: float) -> float:
@@ -136,22 +119,31 @@ class KVCache:
     """The full KV cache: keeps every token. Policies subclass it and override ``capacity`` and ``select``.
 
     ``budget`` is the fraction of the prefix a policy keeps on average per layer (SPEC §4); the full cache accepts
-    only 1.0. Subclasses that compress set ``compresses = True``.
+    only 1.0. Subclasses that compress set ``compresses = True``. ``store`` is the storage class (default
+    :class:`~scalekv.cache.store.KVStore`): called at every reset as ``store(layout, held)``. ``timing``: measure
+    ``compress_seconds``; by default only where it costs no device synchronisation (not on CUDA).
     """
 
     name = "full"
     compresses = False
     clock = staticmethod(time.perf_counter)  # what compress_seconds is measured with (a benchmark may pick CPU time)
 
-    def __init__(self, budget: float = 1.0) -> None:
+    def __init__(self, budget: float = 1.0, *, store: Callable | None = None, timing: bool | None = None) -> None:
         self.budget = check_budget(budget)
         if not self.compresses and self.budget != 1.0:
             raise ValueError(
                 f"budget={budget!r}: the {self.name!r} cache keeps every token, expected 1.0 "
                 "(pick a compressing policy)"
             )
+        if store is not None and not callable(store):
+            raise ValueError(f"store={store!r}: expected a store class such as scalekv.cache.KVStore")
+        if timing is not None and not isinstance(timing, bool):
+            raise ValueError(f"timing={timing!r}: expected True, False or None")
+        self.store_class = store if store is not None else KVStore
+        self.timing = timing
         self.layout: CacheLayout | None = None
-        self.layers: list[LayerKV] = []
+        self.store = None
+        self.layers: list = []
         self.nbytes = 0
         self.peak_nbytes = 0
         self.compress_seconds = 0.0
@@ -160,41 +152,69 @@ class KVCache:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def reset(self, layout: CacheLayout) -> None:
-        """Forget everything and prepare for a generation with ``layout``."""
+        """Forget everything and prepare for a generation with ``layout``: the policy makes its plan, then the
+        store is allocated for it."""
         self.layout = layout
-        self.layers = [LayerKV() for _ in range(layout.num_layers)]
+        self.store = self.layers = None
         self.nbytes = 0
-        self.peak_nbytes = 0
         self.compress_seconds = 0.0
         self.scale_lengths = [[0] * layout.num_layers for _ in layout.scales]
         self.scale_nbytes = [[0] * layout.num_layers for _ in layout.scales]
         self.on_reset(layout)
+        self.held = self.planned_lengths(layout)
+        self.store = self.store_class(layout, self.held)
+        self.layers = self.store.layers
+        self.peak_nbytes = self.store.peak_bytes
 
     def on_reset(self, layout: CacheLayout) -> None:
         """Hook for policies that precompute per-generation state (plans, window indices)."""
+
+    def planned_lengths(self, layout: CacheLayout) -> list[list[int]]:
+        """Tokens every layer keeps after every scale but the last (what the store is sized for), from
+        :meth:`capacity`."""
+        held, before = [], [0] * layout.num_layers
+        for scale in layout.scales[:-1]:
+            row = []
+            for layer in range(layout.num_layers):
+                cap = self.capacity(layer, scale) if self.compresses else None
+                total = before[layer] + scale.length
+                row.append(total if cap is None else min(cap, total))
+            held.append(row)
+            before = row
+        return held
+
+    def release(self) -> None:
+        """Free the stored tensors once a generation has run its last scale (the accounting stays)."""
+        if self.store is not None:
+            self.store.release()
 
     # -- what the attention calls ------------------------------------------------------------------------------
     def update(
         self, layer: int, scale: Scale, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the current scale's ``k``, ``v`` ``(rows, heads, h*w, head_dim)``; return all keys and values
-        the current queries attend over (retained history followed by the current map)."""
+        """Put the current scale's ``k``, ``v`` ``(rows, heads, h*w, head_dim)`` behind the layer's history; return
+        all keys and values the current queries attend over (history followed by the current map). At the last
+        scale the map is attended over in place and never stored."""
         if self.layout is None:
             raise RuntimeError("the cache was not reset for a generation: call cache.reset(layout) first")
         store = self.layers[layer]
-        self.nbytes += store.append(k, v)
-        self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
-        return store.k, store.v
+        before = store.nbytes
+        k_all, v_all = store.open(k, v, scale.is_last)
+        self.nbytes += store.nbytes - before
+        return k_all, v_all
 
     def compress(self, layer: int, scale: Scale, q: torch.Tensor) -> None:
         """Called right after the layer's attention at ``scale`` with the queries it used: cut the layer's storage
-        to ``capacity(layer, scale)`` tokens (never after the last scale, whose cache is never read again)."""
+        to ``capacity(layer, scale)`` tokens (never after the last scale, whose keys are dropped instead)."""
         store = self.layers[layer]
-        if self.compresses and not scale.is_last:
-            sync = q.is_cuda
-            if sync:
+        before = store.nbytes
+        if scale.is_last:
+            store.drop()
+        elif self.compresses:
+            timed = self.timing if self.timing is not None else not q.is_cuda
+            if timed and q.is_cuda:
                 torch.cuda.synchronize(q.device)
-            start = self.clock()
+            start = self.clock() if timed else 0.0
             self.observe(layer, scale, q, store)
             cap = self.capacity(layer, scale)
             if cap is not None and store.length > cap:
@@ -202,15 +222,22 @@ class KVCache:
                 expected = (store.k.shape[0], store.k.shape[1], cap)
                 if tuple(index.shape) != expected:
                     raise RuntimeError(f"{type(self).__name__}.select gave {tuple(index.shape)}, expected {expected}")
-                self.nbytes += store.keep(index)
-            if sync:
-                torch.cuda.synchronize(q.device)
-            self.compress_seconds += self.clock() - start
+                store.keep(index)
+            else:
+                store.commit()
+            if timed:
+                if q.is_cuda:
+                    torch.cuda.synchronize(q.device)
+                self.compress_seconds += self.clock() - start
+        else:
+            store.commit()
+        self.nbytes += store.nbytes - before
+        self.peak_nbytes = self.store.peak_bytes
         self.scale_lengths[scale.index][layer] = store.length
         self.scale_nbytes[scale.index][layer] = store.nbytes
 
     # -- what a policy overrides -------------------------------------------------------------------------------
-    def observe(self, layer: int, scale: Scale, q: torch.Tensor, store: LayerKV) -> None:
+    def observe(self, layer: int, scale: Scale, q: torch.Tensor, store) -> None:
         """Called at every scale but the last, before any selection, for policies that accumulate statistics."""
 
     def capacity(self, layer: int, scale: Scale) -> int | None:
@@ -219,15 +246,20 @@ class KVCache:
         One number per layer: every head keeps the same count (per-head capacities would return one per head)."""
         return None
 
-    def select(self, layer: int, scale: Scale, q: torch.Tensor, store: LayerKV, capacity: int) -> torch.Tensor:
+    def select(self, layer: int, scale: Scale, q: torch.Tensor, store, capacity: int) -> torch.Tensor:
         """Indices ``(rows, heads, capacity)`` of the tokens to keep, sorted ascending per row and head."""
         raise NotImplementedError(f"{type(self).__name__} sets a capacity but does not implement select()")
 
     # -- accounting --------------------------------------------------------------------------------------------
+    @property
+    def history_nbytes(self) -> int:
+        """``kv_bytes_history``: what the last scale reads besides its own map (every layer's history)."""
+        return sum(self.scale_nbytes[-2]) if len(self.scale_nbytes) > 1 else 0
+
     def lengths(self) -> list[int]:
-        """Retained tokens per layer."""
+        """Tokens every layer holds now."""
         return [s.length for s in self.layers]
 
     def layer_nbytes(self) -> list[int]:
-        """Retained KV bytes per layer."""
+        """KV bytes every layer holds now."""
         return [s.nbytes for s in self.layers]

@@ -61,8 +61,9 @@ class AttentionStatsCache(KVCache):
             if self.top_k is None:
                 self.top_k = average_capacity(self.history_budget, layout.scales)
             shape = (len(layout.scales), layout.num_layers)
-            self.current_sum = torch.zeros(shape, dtype=torch.float64)
-            self.topk_sum = torch.zeros(shape, dtype=torch.float64)
+            # on the model's device, so that accumulating never synchronises with the host
+            self.current_sum = torch.zeros(shape, dtype=torch.float64, device=layout.device)
+            self.topk_sum = torch.zeros(shape, dtype=torch.float64, device=layout.device)
             self.count = torch.zeros(shape, dtype=torch.float64)
             self._signature = signature
         elif signature != self._signature:
@@ -80,12 +81,14 @@ class AttentionStatsCache(KVCache):
         self.current_sum[scale.index, layer] += current
         self.topk_sum[scale.index, layer] += topk
         self.count[scale.index, layer] += q.shape[0] * q.shape[2]
+        super().compress(layer, scale, q)
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(current, topk)``, each (scales, layers): the per-query means of the two statistics."""
         if self.count is None:
             raise RuntimeError("no calibration generation has run through this collector yet")
-        return self.current_sum / self.count, self.topk_sum / self.count
+        count = self.count.to(self.current_sum.device)
+        return (self.current_sum / count).cpu(), (self.topk_sum / count).cpu()
 
 
 def attention_shares(
@@ -96,8 +99,9 @@ def attention_shares(
     top_k: int,
     query_chunk: int,
     head_chunk: int,
-) -> tuple[float, float]:
-    """Sums over rows and queries of the current-map share and the top-``top_k`` history mass.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over rows and queries of the current-map share and the top-``top_k`` history mass (0-d float64 tensors
+    on q's device, so that nothing waits for the device).
 
     q: (rows, heads, n, D) queries of the current map; k: (rows, heads, L, D) keys, the first ``history`` of which
     are earlier scales and the last ``n`` the current map. The softmax is over all L keys, averaged over heads.
@@ -107,15 +111,16 @@ def attention_shares(
     if length != history + n:
         raise ValueError(f"keys hold {length} tokens; expected history {history} + current {n}")
     kk = min(top_k, history)
-    current_total, topk_total = 0.0, 0.0
+    current_total = q.new_zeros((), dtype=torch.float64)
+    topk_total = q.new_zeros((), dtype=torch.float64)
     for q0 in range(0, n, query_chunk):
         qc = q[:, :, q0 : q0 + query_chunk].float()
-        mean = torch.zeros(rows, qc.shape[2], length)
+        mean = q.new_zeros(rows, qc.shape[2], length, dtype=torch.float32)
         for h0 in range(0, heads, head_chunk):
             logits = torch.matmul(qc[:, h0 : h0 + head_chunk], k[:, h0 : h0 + head_chunk].float().transpose(-1, -2))
             mean += logits.mul_(softmax_scale).softmax(dim=-1).sum(dim=1)
         mean /= heads
-        current_total += mean[..., history:].sum().item()
+        current_total += mean[..., history:].sum(dtype=torch.float64)
         if kk > 0:
-            topk_total += mean[..., :history].topk(kk, dim=-1).values.sum().item()
+            topk_total += mean[..., :history].topk(kk, dim=-1).values.sum(dtype=torch.float64)
     return current_total, topk_total

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache.base import CacheLayout, KVCache, Scale
+from ..cache.base import CacheLayout, KVCache, Scale, compute_dtype
 from ..checkpoint import CheckpointError
 from .schedules import ScaleSchedule
 
@@ -476,7 +476,10 @@ class Infinity(nn.Module):
     # -- cached inference, one scale at a time -----------------------------------------------------------------
     def cache_layout(self, schedule: ScaleSchedule, rows: int, cond_rows: int) -> CacheLayout:
         cfg = self.cfg
-        return CacheLayout(cfg.depth, cfg.num_heads, cfg.head_dim, schedule.scales, rows, cond_rows)
+        p = self.pos_start
+        return CacheLayout(
+            cfg.depth, cfg.num_heads, cfg.head_dim, schedule.scales, rows, cond_rows, 1.0, compute_dtype(p), p.device
+        )
 
     def step(self, x: torch.Tensor, cond: Condition, cache: KVCache, scale: Scale, rope: torch.Tensor) -> torch.Tensor:
         """Run every block on the tokens ``x`` (R, h*w, C) of ``scale`` against ``cache``; return logits

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache.base import CacheLayout, KVCache, Scale, make_scales
+from ..cache.base import CacheLayout, KVCache, Scale, compute_dtype, make_scales
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,10 @@ class VAR(nn.Module):
     def cache_layout(self, rows: int, cond_rows: int) -> CacheLayout:
         cfg = self.cfg
         scale = self.blocks[0].attn.scale
-        return CacheLayout(cfg.depth, cfg.num_heads, cfg.head_dim, cfg.scales, rows, cond_rows, softmax_scale=scale)
+        p = self.pos_start
+        return CacheLayout(
+            cfg.depth, cfg.num_heads, cfg.head_dim, cfg.scales, rows, cond_rows, scale, compute_dtype(p), p.device
+        )
 
     def step(self, x: torch.Tensor, cond: torch.Tensor, block_cond: torch.Tensor, cache: KVCache, scale: Scale):
         """Run every block on the tokens ``x`` (rows, h*w, C) of ``scale`` against ``cache``; return logits."""
