@@ -32,6 +32,7 @@ class ScaleRecord:
     tokens: torch.Tensor  # (B, h*w) int64 ids (VAR) or (B, h*w, d) uint8 bits (Infinity)
     cache_lengths: list[int]  # tokens every layer holds after this scale (all zero after the last scale)
     kv_bytes: int  # KV bytes held after this scale
+    kv_bytes_per_layer: list[int]  # the same per layer
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Generation:
     kv_bytes_reference: int
     seconds: float
     compress_seconds: float = 0.0
+    policy: str = "full"
+    budget: float = 1.0
+    average_capacity: float = 0.0  # B: tokens per layer on average (the plan's; the whole prefix for the full cache)
     logits: list[torch.Tensor] | None = field(default=None, repr=False)  # guided logits per scale, if kept
 
     @property
@@ -70,6 +74,19 @@ class Generation:
             "kv_peak_ratio": self.kv_peak_ratio,
         }
 
+    def stats(self) -> dict:
+        """Everything ``stats.json``, eval rows and the demo table report about this generation's cache and time."""
+        return {
+            "policy": self.policy,
+            "budget": self.budget,
+            "average_capacity": self.average_capacity,
+            **self.memory(),
+            "seconds": self.seconds,
+            "compress_seconds": self.compress_seconds,
+            "cache_lengths_per_scale": [s.cache_lengths for s in self.scales],
+            "kv_bytes_per_scale_and_layer": [s.kv_bytes_per_layer for s in self.scales],
+        }
+
 
 class GenerationLoop:
     """The part of ``generate`` every model shares: cache checks and reset, timing, per-scale records, releasing
@@ -91,7 +108,7 @@ class GenerationLoop:
 
     def record(self, scale: Scale, tokens: torch.Tensor) -> None:
         c = self.cache
-        self.records.append(ScaleRecord(scale.index, scale.h, scale.w, tokens, c.lengths(), c.nbytes))
+        self.records.append(ScaleRecord(scale.index, scale.h, scale.w, tokens, c.lengths(), c.nbytes, c.layer_nbytes()))
 
     def finish(self) -> None:
         """After the last scale: the cache's tensors are freed before the decoder runs."""
@@ -99,6 +116,7 @@ class GenerationLoop:
 
     def result(self, images: torch.Tensor, f_hat: torch.Tensor, logits: list | None) -> Generation:
         c = self.cache
+        plan = getattr(c, "plan", None)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         return Generation(
@@ -110,6 +128,9 @@ class GenerationLoop:
             kv_bytes_reference=c.layout.reference_bytes(),
             seconds=time.perf_counter() - self.start,
             compress_seconds=c.compress_seconds,
+            policy=c.name,
+            budget=c.budget,
+            average_capacity=float(plan.average_capacity if plan is not None else c.layout.scales[-1].start),
             logits=logits,
         )
 

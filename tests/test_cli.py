@@ -49,7 +49,7 @@ def test_generate_on_the_demo_model_uses_its_sampling_and_calibrated_plan(tmp_pa
     assert stats["plan"] == str(plan) and stats["budget"] == 0.1
     direct = load_pipeline("demo").generate([3, 7], cache=make_cache("scalekv", plan=plan), seed=0, **sampling)
     assert stats["cache_lengths_per_scale"] == [r.cache_lengths for r in direct.scales]
-    assert stats["kv_bytes_retained"] == direct.scales[-1].kv_bytes and stats["kv_bytes_peak"] == direct.kv_bytes_peak
+    assert stats["kv_bytes_history"] == direct.kv_bytes_history and stats["kv_bytes_peak"] == direct.kv_bytes_peak
     saved = np.stack([np.asarray(Image.open(out / name)) for name in stats["images"]])
     expected = direct.images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(saved, expected)

@@ -33,9 +33,11 @@ REQUIRED = {
     "ssim",
     "fid",
     "lpips",
-    "kv_bytes_retained",
-    "kv_bytes_full",
+    "kv_bytes_history",
     "kv_bytes_peak",
+    "kv_bytes_reference",
+    "kv_history_ratio",
+    "kv_peak_ratio",
     "seconds_per_image",
 }
 
@@ -161,12 +163,13 @@ def test_run_writes_rows_whose_numbers_match_direct_generation(keep_first, tmp_p
     direct = pipe.generate([2, 3], cache=cache, seed=2, top_k=20, top_p=0.9, cfg=1.5)
     as_saved = direct.images.clamp(0, 1).mul(255).round().to(torch.uint8)
     assert torch.equal(folder.load_images(f"{KeepFirst.name}_b0.2", [2, 3]), as_saved)
-    assert low["kv_bytes_retained"] == direct.scales[-1].kv_bytes / 2
     assert low["kv_bytes_peak"] == direct.kv_bytes_peak / 2
-    assert low["kv_bytes_history"] == direct.scales[-2].kv_bytes / 2 < full["kv_bytes_history"]
-    assert full["kv_bytes_retained"] == full["kv_bytes_full"] == direct_full.kv_bytes_full / 2 == low["kv_bytes_full"]
-    assert low["kv_bytes_retained"] < high["kv_bytes_retained"] < full["kv_bytes_retained"]
-    assert math.isclose(low["kv_retained_ratio"], low["kv_bytes_retained"] / low["kv_bytes_full"])
+    assert low["kv_bytes_history"] == direct.kv_bytes_history / 2 < full["kv_bytes_history"]
+    assert full["kv_bytes_reference"] == direct_full.kv_bytes_reference / 2 == low["kv_bytes_reference"]
+    assert full["kv_bytes_peak"] == direct_full.kv_bytes_peak / 2
+    assert low["kv_bytes_peak"] < high["kv_bytes_peak"] < full["kv_bytes_peak"] < full["kv_bytes_reference"]
+    assert math.isclose(low["kv_history_ratio"], low["kv_bytes_history"] / low["kv_bytes_reference"])
+    assert math.isclose(low["kv_peak_ratio"], low["kv_bytes_peak"] / low["kv_bytes_reference"])
 
     # PSNR/SSIM are the means over images of the per-image values against the full cache's saved images.
     all_idx = list(range(5))
@@ -270,15 +273,15 @@ def test_markdown_and_csv_show_missing_metrics_as_empty():
         policy="full",
         budget=None,
         n=3,
-        kv_bytes_retained=2048,
-        kv_bytes_full=2048,
-        kv_retained_ratio=1.0,
-        kv_bytes_peak=2048,
         kv_bytes_history=1024,
+        kv_history_ratio=0.5,
+        kv_bytes_peak=1536,
+        kv_peak_ratio=0.75,
+        kv_bytes_reference=2048,
         seconds_per_image=0.5,
     )
     table = markdown_table([row])
-    assert "| full | – | – |" in table and "| 2.0 KiB | 100.0% | 1.0 KiB | 100.0% |" in table
+    assert "| full | – | – |" in table and "| 1.0 KiB | 50.0% | 1.5 KiB | 75.0% |" in table
     assert csv_text([row]).splitlines()[1].startswith("full,,3,,")
 
 

@@ -454,8 +454,8 @@ def test_generate_command_on_a_tiny_local_model(tmp_path):
     assert main(args) == 0
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["size"] == "256x256" and stats["images"] == ["0000.png", "0001.png"]
-    assert stats["kv_bytes_retained"] == stats["kv_bytes_full"] == stats["kv_bytes_peak"]
-    assert len(stats["cache_lengths_per_scale"]) == 7 and stats["cache_lengths_per_scale"][-1] == [521] * 4
+    assert stats["kv_bytes_history"] < stats["kv_bytes_peak"] < stats["kv_bytes_reference"]
+    assert len(stats["cache_lengths_per_scale"]) == 7 and stats["cache_lengths_per_scale"][-2] == [265] * 4
     assert stats["average_capacity"] == 265 and stats["compress_seconds"] == 0.0  # the full cache: the whole prefix
     assert main([*args[:-2], "--out", str(tmp_path / "bad"), "--labels", "3"]) == 2  # labels are for VAR
     # a compressing policy: the same KV and time fields as VAR's stats.json, from what the cache held
@@ -463,9 +463,10 @@ def test_generate_command_on_a_tiny_local_model(tmp_path):
     snap = json.loads((tmp_path / "snap" / "stats.json").read_text())
     assert snap["policy"] == "snapkv" and snap["budget"] == 0.2 and snap["average_capacity"] == round(0.2 * 265)
     assert snap["cache_lengths_per_scale"][-2] == [53] * 4  # B tokens per layer carried into the last scale
-    assert [sum(b) for b in snap["kv_bytes_per_scale_and_layer"]][-1] == snap["kv_bytes_retained"]
-    assert snap["kv_bytes_retained"] <= snap["kv_bytes_peak"] < snap["kv_bytes_full"] == stats["kv_bytes_full"]
-    assert snap["kv_peak_ratio"] == snap["kv_bytes_peak"] / snap["kv_bytes_full"]
+    assert [sum(b) for b in snap["kv_bytes_per_scale_and_layer"]][-2] == snap["kv_bytes_history"]
+    assert snap["kv_bytes_history"] < snap["kv_bytes_peak"] < stats["kv_bytes_peak"]
+    assert snap["kv_bytes_reference"] == stats["kv_bytes_reference"]
+    assert snap["kv_peak_ratio"] == snap["kv_bytes_peak"] / snap["kv_bytes_reference"]
     assert snap["compress_seconds"] > 0
 
 

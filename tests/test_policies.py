@@ -15,6 +15,7 @@ from scalekv.cache import POLICIES, CacheLayout, KVCache, make_cache, make_scale
 from scalekv.cache.plan import PLANS_DIR, average_capacity, first_compressed_scale
 from scalekv.cache.policy import keep_top
 from scalekv.cache.scalekv import grid_window
+from scalekv.cache.store import CHUNK_TOKENS
 from scalekv.cli import main
 
 from .helpers import tiny_pipeline
@@ -119,7 +120,8 @@ def test_budget_one_is_bit_identical_to_the_full_cache(pipe, full_run, name):
     gen = pipe.generate([1, 7], seed=11, cfg=2.0, top_k=20, top_p=0.9, cache=cache)
     assert torch.equal(gen.tokens, full_run.tokens)
     assert torch.equal(gen.images, full_run.images)
-    assert gen.kv_bytes_peak == full_run.kv_bytes_peak == gen.kv_bytes_full
+    assert gen.kv_bytes_peak == full_run.kv_bytes_peak < gen.kv_bytes_reference
+    assert gen.kv_bytes_history == full_run.kv_bytes_history
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -134,29 +136,35 @@ def test_generation_retains_exactly_the_planned_capacity(pipe, name, budget):
     caps = cache.plan.capacities
     per_token = 2 * lay.rows * lay.num_heads * lay.head_dim * 4  # K and V, float32
     for scale, rec in zip(lay.scales, gen.scales, strict=True):
+        if scale.is_last:  # the last map is attended over and dropped: nothing is stored after it
+            assert rec.cache_lengths == cache.scale_lengths[scale.index] == [0] * lay.num_layers
+            assert rec.kv_bytes == 0 and cache.scale_nbytes[scale.index] == [0] * lay.num_layers
+            continue
         assert rec.cache_lengths == list(caps[scale.index]) == cache.scale_lengths[scale.index]
         assert cache.scale_nbytes[scale.index] == [n * per_token for n in caps[scale.index]]
         assert rec.kv_bytes == sum(caps[scale.index]) * per_token
-        if scale.is_last:
-            assert rec.cache_lengths == [c + scale.length for c in caps[scale.index - 1]]
-        elif scale.index >= first:
+        if scale.index >= first:
             assert abs(sum(rec.cache_lengths) / lay.num_layers - avg) <= 1
         else:
             assert rec.cache_lengths == [scale.end] * lay.num_layers
     assert cache.compress_seconds > 0
-    assert gen.kv_bytes_peak == expected_peak(caps, lay) * per_token < gen.kv_bytes_full
+    assert gen.kv_bytes_history == sum(caps[-2]) * per_token
+    assert gen.kv_bytes_peak == expected_peak(caps, lay) * per_token < gen.kv_bytes_reference
+    assert gen.kv_bytes_reference == lay.num_layers * lay.total_tokens * per_token
 
 
 def expected_peak(caps, lay: CacheLayout) -> int:
-    """Tokens held at the fullest moment: layer l of scale k has just appended its map, layers before it are
-    already cut for scale k, layers after it still hold what scale k-1 left."""
+    """Token-equivalents alive at the fullest moment, recounted from the plan: layer l of scale k attends over its
+    history and map, layers before it already hold what they keep after scale k (nothing after the last scale),
+    layers after it still hold what scale k-1 left; plus one copy chunk of K or V (half a token each)."""
     peak, before = 0, [0] * lay.num_layers
     for scale in lay.scales:
+        after = [0] * lay.num_layers if scale.is_last else list(caps[scale.index])
         for layer in range(lay.num_layers):
-            held = sum(caps[scale.index][:layer]) + before[layer] + scale.length + sum(before[layer + 1 :])
+            held = sum(after[:layer]) + before[layer] + scale.length + sum(before[layer + 1 :])
             peak = max(peak, held)
-        before = list(caps[scale.index])
-    return peak
+        before = after
+    return peak + min(CHUNK_TOKENS, peak) / 2
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -189,7 +197,8 @@ def test_selection_on_non_square_and_tiny_maps(name, budget):
         assert bool((index[..., 1:] > index[..., :-1]).all()), "indices must be strictly increasing (sorted, unique)"
         assert int(index.min()) >= 0 and int(index.max()) < r["length"]
     assert all(r["scale"] != len(lay.scales) - 1 for r in records), "the last scale is never compressed"
-    assert [s.length for s in cache.layers] == list(caps[-1])
+    assert [s.length for s in cache.layers] == [0] * lay.num_layers  # and its keys are dropped
+    assert cache.scale_lengths[-2] == list(caps[-2])
 
 
 @pytest.mark.parametrize("name", COMPRESSING)
@@ -328,11 +337,11 @@ def test_cli_generate_writes_images_and_stats(cli_pipe, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == stats["images"] and len(stats["images"]) == 2
     assert stats["policy"] == "snapkv" and stats["budget"] == 0.1 and stats["average_capacity"] == round(0.1 * 55)
     assert (stats["cfg"], stats["top_k"], stats["top_p"], stats["greedy"]) == (1.5, 900, 0.96, False)
-    assert 0 < stats["kv_bytes_retained"] < stats["kv_bytes_full"]
-    assert stats["kv_bytes_retained"] <= stats["kv_bytes_peak"] < stats["kv_bytes_full"]
-    assert stats["kv_peak_ratio"] == stats["kv_bytes_peak"] / stats["kv_bytes_full"]
+    assert 0 < stats["kv_bytes_history"] < stats["kv_bytes_peak"] < stats["kv_bytes_reference"]
+    assert stats["kv_peak_ratio"] == stats["kv_bytes_peak"] / stats["kv_bytes_reference"]
+    assert stats["kv_history_ratio"] == stats["kv_bytes_history"] / stats["kv_bytes_reference"]
     assert 0 < stats["compress_seconds"] < stats["seconds"]
-    assert [sum(r) for r in stats["kv_bytes_per_scale_and_layer"]][-1] == stats["kv_bytes_retained"]
+    assert [sum(r) for r in stats["kv_bytes_per_scale_and_layer"]][-2] == stats["kv_bytes_history"]
     direct = cli_pipe.generate([1, 2], seed=3, cfg=1.5, top_k=900, top_p=0.96, cache=make_cache("snapkv", budget=0.1))
     assert stats["cache_lengths_per_scale"] == [r.cache_lengths for r in direct.scales]
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scalekv.cache import KVCache
+from scalekv.cache.store import CHUNK_TOKENS
 from scalekv.checkpoint import CheckpointError, load_strict, save_state_file
 from scalekv.models import VAR, VAR_PRESETS, VQVAE, VQVAE_PRESETS, VQVAEConfig, load_var
 from scalekv.pipeline import VARPipeline
@@ -65,10 +66,14 @@ def test_generation_record_and_full_cache_accounting():
     assert [(r.h, r.w) for r in gen.scales] == [(p, p) for p in cfg.patch_nums]
     for rec, scale in zip(gen.scales, cfg.scales, strict=True):
         assert rec.tokens.shape == (2, scale.length)
-        assert rec.cache_lengths == [scale.end] * cfg.depth
-    elem = 4  # float32
-    full = 2 * cfg.depth * 4 * cfg.seq_len * cfg.embed_dim * elem  # K and V, 4 rows = 2 labels x CFG
-    assert gen.kv_bytes_full == full == gen.scales[-1].kv_bytes == gen.kv_bytes_peak
+        assert rec.cache_lengths == [0 if scale.is_last else scale.end] * cfg.depth  # the last map is never stored
+    per_token = 2 * 4 * cfg.embed_dim * 4  # K and V, 4 rows = 2 labels x CFG, float32
+    prefix, last = cfg.scales[-1].start, cfg.scales[-1].length
+    assert gen.kv_bytes_reference == cfg.depth * cfg.seq_len * per_token
+    assert gen.kv_bytes_history == cfg.depth * prefix * per_token == gen.scales[-2].kv_bytes
+    # every layer's history, plus one layer's last map attended over in place, plus one copy chunk of K or V
+    chunk = min(CHUNK_TOKENS, cfg.depth * prefix + last) * per_token // 2
+    assert gen.kv_bytes_peak == (cfg.depth * prefix + last) * per_token + chunk < gen.kv_bytes_reference
 
 
 def test_cache_object_is_reset_between_generations():

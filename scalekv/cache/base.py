@@ -101,7 +101,7 @@ def compute_dtype(param: torch.Tensor) -> torch.dtype:
     """The dtype a model with parameter ``param`` computes its attention in: the autocast dtype when autocast is on
     for the parameter's device, else the parameter's dtype."""
     kind = param.device.type
-    if torch.is_autocast_enabled(kind):
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return param.dtype
 

@@ -133,7 +133,7 @@ class KVStore:
         self.v = torch.empty(shape, dtype=layout.dtype, device=layout.device)
         self.layers = [LayerKV(self, l) for l in range(layout.num_layers)]
         self.allocated_bytes = self.tokens * self.token_bytes
-        self.peak_bytes = self.allocated_bytes
+        self.peak_bytes = need  # the buffer and one chunk of copy scratch: the most KV bytes alive at once
         self._next = 0  # the layer whose turn it is
         self._top = 0  # end of the bottom stack (the histories still to process)
         self._down = self.tokens  # start of the top stack (what this scale's processed layers kept)
@@ -181,10 +181,6 @@ class KVStore:
                     lay.start -= shift
             self._top, self._down = used, self.tokens
 
-    def _scratch(self, width: int) -> None:
-        """Note a chunk of ``width`` tokens of K or V existing twice (K and V are copied one after the other)."""
-        self.peak_bytes = max(self.peak_bytes, self.allocated_bytes + width * self.token_bytes // 2)
-
     def _move(self, src: int, dst: int, n: int) -> None:
         """Copy tokens ``[src, src + n)`` to ``[dst, dst + n)`` in chunks, safe when the two overlap."""
         if src == dst or n == 0:
@@ -193,7 +189,6 @@ class KVStore:
         order = range(0, n, step) if dst < src else reversed(range(0, n, step))
         for i in order:
             w = min(step, n - i)
-            self._scratch(w)
             for buf in (self.k, self.v):
                 buf[:, :, dst + i : dst + i + w].copy_(buf[:, :, src + i : src + i + w].clone())
 
@@ -206,7 +201,6 @@ class KVStore:
         for i in reversed(range(0, m, step)):
             part = index[..., i : i + step]
             w = part.shape[-1]
-            self._scratch(w)
             gather = part.unsqueeze(-1).expand(-1, -1, -1, dim)
             for buf in (self.k, self.v):
                 chunk = torch.gather(buf[:, :, src : src + length], 2, gather)

@@ -72,38 +72,16 @@ def save_images(images: torch.Tensor, out: Path, prefix: str = "") -> list[Path]
     return paths
 
 
-def run_stats(cache, gen) -> dict:
-    """What every ``stats.json`` reports about a generation's KV cache and time, whatever the model.
-
-    Bytes are K and V of every layer and row; "retained" is what the cache holds after the last scale, "full" what
-    the full cache would hold, "peak" the most it held at once. ``average_capacity`` is ``B`` in tokens per layer
-    (the plan's; the whole prefix for the full cache)."""
-    retained = gen.scales[-1].kv_bytes
-    plan = getattr(cache, "plan", None)
-    return {
-        "budget": cache.budget,
-        "average_capacity": float(plan.average_capacity if plan is not None else cache.layout.scales[-1].start),
-        "kv_bytes_retained": retained,
-        "kv_bytes_full": gen.kv_bytes_full,
-        "kv_bytes_peak": gen.kv_bytes_peak,
-        "kv_retained_ratio": retained / gen.kv_bytes_full,
-        "kv_peak_ratio": gen.kv_bytes_peak / gen.kv_bytes_full,
-        "seconds": gen.seconds,
-        "compress_seconds": cache.compress_seconds,
-        "cache_lengths_per_scale": [s.cache_lengths for s in gen.scales],
-        "kv_bytes_per_scale_and_layer": cache.scale_nbytes,
-    }
-
-
 def write_outputs(out: Path, gen, cache, stats: dict, what: str) -> int:
-    """Write the PNGs and ``stats.json`` (``stats`` describes the inputs; :func:`run_stats` is added) into ``out``."""
+    """Write the PNGs and ``stats.json`` (``stats`` describes the inputs; the generation's own stats are added)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = save_images(gen.images, out)
-    stats = {**stats, "images": [p.name for p in paths], **run_stats(cache, gen)}
+    stats = {**stats, "images": [p.name for p in paths], **gen.stats()}
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     print(
-        f"wrote {len(paths)} {what} and stats.json to {out} ({gen.seconds:.2f} s, KV "
-        f"{stats['kv_bytes_retained'] / 2**20:.2f} MiB of {gen.kv_bytes_full / 2**20:.2f} MiB full)"
+        f"wrote {len(paths)} {what} and stats.json to {out} ({gen.seconds:.2f} s; KV peak "
+        f"{gen.kv_bytes_peak / 2**20:.2f} MiB = {gen.kv_peak_ratio:.3f} of the reference full cache's "
+        f"{gen.kv_bytes_reference / 2**20:.2f} MiB, history {gen.kv_history_ratio:.3f})"
     )
     return 0
 

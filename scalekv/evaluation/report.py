@@ -21,11 +21,11 @@ COLUMNS = [
     "lpips_kind",
     "fid",
     "identical",
-    "kv_bytes_retained",
-    "kv_bytes_full",
-    "kv_retained_ratio",
     "kv_bytes_history",
+    "kv_history_ratio",
     "kv_bytes_peak",
+    "kv_peak_ratio",
+    "kv_bytes_reference",
     "cuda_peak_bytes",
     "rss_peak_bytes",
     "seconds_per_image",
@@ -57,14 +57,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         "SSIM ↑",
         f"LPIPS ({lpips_kind}) ↓" if lpips_kind else "LPIPS ↓",
         "FID ↓",
-        "KV retained / image",
-        "of full",
-        "history / image",
-        "of full",
+        "KV history / image",
+        "of ref.",
+        "KV peak / image",
+        "of ref.",
         "s / image",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    full_history = next((r["kv_bytes_history"] for r in rows if r["budget"] is None), None)
     for r in rows:
         budget = "–" if r["budget"] is None else f"{100 * r['budget']:g}%"
         cells = [
@@ -74,10 +73,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             _fmt(r["ssim"], 4),
             _fmt(r["lpips"], 4),
             _fmt(r["fid"], 2),
-            _bytes(r["kv_bytes_retained"]),
-            f"{100 * r['kv_retained_ratio']:.1f}%",
             _bytes(r["kv_bytes_history"]),
-            f"{100 * r['kv_bytes_history'] / full_history:.1f}%" if full_history else "–",
+            f"{100 * r['kv_history_ratio']:.1f}%",
+            _bytes(r["kv_bytes_peak"]),
+            f"{100 * r['kv_peak_ratio']:.1f}%",
             f"{r['seconds_per_image']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -110,7 +109,7 @@ def _savefig(fig, path) -> None:
 
 
 def plot_fidelity(rows: Sequence[dict[str, Any]], path) -> None:
-    """Fidelity (PSNR, SSIM, and LPIPS/FID when measured) against retained KV bytes per image, one line a policy."""
+    """Fidelity (PSNR, SSIM, and LPIPS/FID when measured) against peak KV bytes per image, one line a policy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,16 +125,14 @@ def plot_fidelity(rows: Sequence[dict[str, Any]], path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False, layout="constrained")
     for ax, (key, label) in zip(axes[0], metrics, strict=True):
         for p in policies:
-            pts = sorted(
-                (r["kv_bytes_retained"] / 2**10, r[key]) for r in rows if r["policy"] == p and r[key] is not None
-            )
+            pts = sorted((r["kv_bytes_peak"] / 2**10, r[key]) for r in rows if r["policy"] == p and r[key] is not None)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=p)
-        ax.set_xlabel("retained KV per image (KiB)")
+        ax.set_xlabel("peak KV per image (KiB)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Fidelity against the full cache vs retained KV memory")
+    fig.suptitle("Fidelity against the full cache vs peak KV memory")
     _savefig(fig, path)
     plt.close(fig)
 

@@ -207,13 +207,10 @@ def generate_batch(
         "seed": batch.seed,
         "images": len(batch.indices),
         "seconds": seconds,
-        # KV bytes held right after the last scale (the compressed history plus the last scale's own keys/values),
-        # as `scalekv generate` reports them; for the whole batch, CFG rows included.
-        "kv_bytes_retained": int(gen.scales[-1].kv_bytes),
-        # KV bytes kept after the second-to-last scale: the history the last scale reads, what a budget limits.
-        "kv_bytes_history": int(gen.scales[-2].kv_bytes) if len(gen.scales) > 1 else 0,
-        "kv_bytes_full": int(gen.kv_bytes_full),
+        # the memory figures of scalekv.generation, for the whole batch (CFG rows included)
+        "kv_bytes_history": int(gen.kv_bytes_history),
         "kv_bytes_peak": int(gen.kv_bytes_peak),
+        "kv_bytes_reference": int(gen.kv_bytes_reference),
         "cuda_peak_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         "rss_peak_bytes": peak_rss_bytes(),
     }
@@ -362,8 +359,7 @@ def summarize(
         scores = [sc for _, sc in results[s.name]]
         n = sum(r["images"] for r in recs)
         per_image = {
-            key: _per_image(sum(r[key] for r in recs), n)
-            for key in ("kv_bytes_retained", "kv_bytes_history", "kv_bytes_full")
+            key: _per_image(sum(r[key] for r in recs), n) for key in ("kv_bytes_history", "kv_bytes_reference")
         }
         cuda = [r["cuda_peak_bytes"] for r in recs if r["cuda_peak_bytes"] is not None]
         row: dict[str, Any] = {
@@ -376,11 +372,11 @@ def summarize(
             "lpips": None,
             "lpips_kind": None,
             "identical": None,
-            "kv_bytes_retained": per_image["kv_bytes_retained"],
-            "kv_bytes_full": per_image["kv_bytes_full"],
-            "kv_retained_ratio": per_image["kv_bytes_retained"] / per_image["kv_bytes_full"],
             "kv_bytes_history": per_image["kv_bytes_history"],
             "kv_bytes_peak": max(_per_image(r["kv_bytes_peak"], r["images"]) for r in recs),
+            "kv_bytes_reference": per_image["kv_bytes_reference"],
+            "kv_history_ratio": per_image["kv_bytes_history"] / per_image["kv_bytes_reference"],
+            "kv_peak_ratio": max(r["kv_bytes_peak"] / r["kv_bytes_reference"] for r in recs),
             "cuda_peak_bytes": max(cuda) if cuda else None,
             "rss_peak_bytes": max(r["rss_peak_bytes"] for r in recs),
             "seconds_per_image": sum(r["seconds"] for r in recs) / n,
