@@ -1,7 +1,9 @@
 """Conformance against the reference implementations' outputs, for every fixture directory.
 
 Fixtures are data: every directory under ../shared/fixtures (beside the project root) and every directory in
-$SCALEKV_FIXTURES (os.pathsep-separated) whose config.json names a supported model is checked the same way.
+$SCALEKV_FIXTURES (os.pathsep-separated) whose config.json names a supported kind is checked the same way: a
+model fixture names its model in "model", a data fixture its kind in "fixture"; each checker module claims the
+kinds starting with its ``MODEL_PREFIX``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKERS = [importlib.import_module(f"tests.conformance.{name}") for name in ("var", "infinity")]
+CHECKERS = [importlib.import_module(f"tests.conformance.{name}") for name in ("var", "infinity", "release_selection")]
 
 
 def fixture_dirs() -> list[Path]:
@@ -34,9 +36,10 @@ def fixture_dirs() -> list[Path]:
 def collect():
     params = []
     for d in fixture_dirs():
-        model = json.loads((d / "config.json").read_text()).get("model", "")
+        cfg = json.loads((d / "config.json").read_text())
+        kind = cfg.get("model") or cfg.get("fixture") or ""
         for checker in CHECKERS:
-            if model.startswith(checker.MODEL_PREFIX):
+            if kind.startswith(checker.MODEL_PREFIX):
                 for name, fn in checker.cases(d).items():
                     params.append(pytest.param(fn, id=f"{d.name}:{name}"))
     return params

@@ -63,7 +63,6 @@ def test_demo_rows_compare_against_the_full_cache(tiny_demo_dir):
     for r in rows[1:]:
         assert r.stats["kv_bytes_history"] < full.stats["kv_bytes_history"]  # every policy compresses the history
         assert r.stats["kv_bytes_peak"] < full.stats["kv_bytes_peak"] < r.stats["kv_bytes_reference"]
-        assert r.peak_bytes <= full.peak_bytes
         expected = psnr(r.images, full.images).mean().item()
         assert r.psnr == pytest.approx(expected)
     text = table(rows)

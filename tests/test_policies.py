@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -11,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scalekv.cache import POLICIES, CacheLayout, KVCache, make_cache, make_scales
+from scalekv.cache import POLICIES, CacheLayout, KVCache, Plan, make_cache, make_scales, rule_plan
 from scalekv.cache.plan import PLANS_DIR, average_capacity, first_compressed_scale
 from scalekv.cache.policy import keep_top
-from scalekv.cache.scalekv import grid_window
+from scalekv.cache.scalekv import grid_window, release_keep, release_window
 from scalekv.cache.store import CHUNK_TOKENS
 from scalekv.cli import main
 
@@ -279,6 +280,147 @@ def test_keep_top_invariants(length, data):
         free_kept = scores.masked_fill(~kept | is_forced, math.inf).amin(-1)
         free_dropped = scores.masked_fill(kept | is_forced, -math.inf).amax(-1)
         assert bool((free_kept >= free_dropped).all())
+
+
+# -- ScaleKV's release-equivalent selection ------------------------------------------------------------------------
+def release_reference(q, k, h, w, capacity, grid=4, kernel=5, pooling="max", softmax_scale=1.0):
+    """The README steps of fixtures/scalekv_release_selection, one (row, head) at a time in float64: the window
+    positions (list) and the masked pooled scores ``(rows, heads, L)``; below the window, the raw sums instead."""
+    rows, heads, length, _ = k.shape
+    n, start = h * w, length - h * w
+    if min(h, w) >= grid:
+        ph, pw = h // grid, w // grid
+        local = [(a * ph + (ph - 1) // 2) * w + b * pw + (pw - 1) // 2 for a in range(grid) for b in range(grid)]
+        window = [start + t for t in local]
+    else:  # the most recent grid*grid cached tokens, their query positions clamped into the map
+        window = list(range(max(0, length - grid * grid), length))
+        local = [min(max(p - start, 0), n - 1) for p in window]
+    out = torch.empty(rows, heads, length, dtype=torch.float64)
+    for r in range(rows):
+        for head in range(heads):
+            raw = (q[r, head].double()[local] @ k[r, head].double().T * softmax_scale).sum(0)
+            if capacity <= len(window):
+                out[r, head] = raw
+                continue
+            raw[window] = -math.inf
+            for j in range(length):
+                near = raw[max(0, j - kernel // 2) : j + kernel // 2 + 1]
+                out[r, head, j] = near.max() if pooling == "max" else near.sum() / kernel  # avg counts the padding
+            out[r, head, window] = -math.inf
+    return window, out
+
+
+def assert_release_top_set(index, window, scores, capacity):
+    """``index`` keeps the window (or, below it, its best positions) and then the best others by ``scores``, up to
+    float32 rounding; equal scores may go either way."""
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+    in_window = torch.zeros(scores.shape[-1], dtype=torch.bool)
+    in_window[window] = True
+    assert index.shape[-1] == capacity and bool((index[..., 1:] > index[..., :-1]).all())
+    if capacity <= len(window):
+        assert not bool((kept & ~in_window).any())
+        candidates = in_window
+    else:
+        assert bool(kept[..., in_window].all())
+        candidates = ~in_window
+    low = scores.masked_fill(~kept | ~candidates, math.inf).amin(-1)
+    high = scores.masked_fill(kept | ~candidates, -math.inf).amax(-1)
+    assert bool((low >= high - 1e-5 * (1 + high.abs())).all()), (low, high)
+
+
+@pytest.mark.parametrize(
+    "h, w, rows, cols",
+    [
+        (20, 20, [2, 7, 12, 17], [2, 7, 12, 17]),  # SPEC §9 / the fixture README's table
+        (24, 24, [2, 8, 14, 20], [2, 8, 14, 20]),  # even patch: the token before the middle
+        (48, 48, [5, 17, 29, 41], [5, 17, 29, 41]),
+        (4, 4, [0, 1, 2, 3], [0, 1, 2, 3]),
+        (7, 5, [0, 1, 2, 3], [0, 1, 2, 3]),  # p = 1: the tokens past 4 belong to no patch
+        (24, 40, [2, 8, 14, 20], [4, 14, 24, 34]),  # non-square: each side by its own patch
+        (9, 16, [0, 2, 4, 6], [1, 5, 9, 13]),
+    ],
+)
+def test_release_window_centres(h, w, rows, cols):
+    win = release_window(h, w, 4)
+    assert win.dtype == torch.int64 and win.tolist() == [r * w + c for r in rows for c in cols]
+    assert release_window(h, w, 2).numel() == 4
+
+
+@pytest.mark.parametrize("h, w", [(3, 3), (1, 1), (3, 8), (8, 2)])
+def test_release_window_below_the_grid_takes_the_most_recent_tokens(h, w):
+    assert release_window(h, w, 4) is None
+    cache = make_cache("scalekv", budget=0.3, drafters=[], selection="release")
+    cache.reset(layout(sizes=[(1, 1), (2, 2), (h, w), (5, 5)]))
+    scale = cache.layout.scales[2]
+    for length, count in ((scale.length + 30, 16), (scale.length + 2, min(16, scale.length + 2))):
+        positions, queries = cache.release_window_at(scale, length, torch.device("cpu"))
+        assert positions.tolist() == list(range(length - count, length))
+        first = length - scale.length  # cached tokens before the map are scored with its first query
+        assert queries.tolist() == [max(0, p - first) for p in positions.tolist()]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"pooling": "avg"}, {"kernel": 1}, {"grid": 2, "kernel": 3}], ids=["max5", "avg5", "k1", "grid2"]
+)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_release_selection_follows_the_release_steps(budget, kwargs):
+    """On non-square maps, maps below the grid and capacities below the window, through the cache protocol."""
+    lay = layout(sizes=ODD_SIZES + [(4, 6), (8, 5), (2, 2)], heads=2)
+    lay = CacheLayout(lay.num_layers, lay.num_heads, lay.head_dim, lay.scales, lay.rows, lay.cond_rows, 0.5)
+    data = random_data(lay, seed=2)
+    cache = make_cache("scalekv", budget=budget, drafters=[], selection="release", **kwargs)
+    assert cache.pooling == kwargs.get("pooling", "max")
+    records = drive(cache, lay, data)
+    assert records
+    for r in records:
+        scale = lay.scales[r["scale"]]
+        q = data["q"][:, :, scale.start : scale.end] + r["layer"]
+        window, scores = release_reference(
+            q, r["k"], scale.h, scale.w, r["capacity"], cache.grid, cache.kernel, cache.pooling, 0.5
+        )
+        assert_release_top_set(r["index"], window, scores, r["capacity"])
+
+
+def test_release_selection_keeps_as_many_tokens_as_the_default():
+    lay = layout(sizes=ODD_SIZES + [(8, 8), (3, 5)])
+    data = random_data(lay, seed=4)
+    spec = make_cache("scalekv", budget=0.2, drafters=[0])
+    release = make_cache("scalekv", budget=0.2, drafters=[0], selection="release")
+    a, b = drive(spec, lay, data), drive(release, lay, data)
+    assert spec.selection == "spec" and spec.plan.capacities == release.plan.capacities
+    assert [(r["layer"], r["scale"], r["index"].shape) for r in a] == [
+        (r["layer"], r["scale"], r["index"].shape) for r in b
+    ]
+    assert spec.scale_lengths == release.scale_lengths and spec.scale_nbytes == release.scale_nbytes
+    assert any(not torch.equal(x["index"], y["index"]) for x, y in zip(a, b, strict=True))  # different tokens
+
+
+def test_release_keep_in_bfloat16_keeps_the_dtype_and_the_window():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 64, 8, generator=g).bfloat16(), torch.randn(2, 3, 90, 8, generator=g).bfloat16()
+    window = release_window(8, 8, 4) + 26
+    index = release_keep(q[:, :, window - 26], k, window, 40, 5, "max", 8**-0.5)
+    assert index.dtype == torch.int64 and index.shape == (2, 3, 40)
+    assert bool(torch.isin(window, index).all()) and bool((index[..., 1:] > index[..., :-1]).all())
+
+
+def test_selection_setting_from_the_plan_and_bad_values(tmp_path, capsys):
+    plan = rule_plan(make_scales(ODD_SIZES), 3, 0.3, [0])
+    with_release = dataclasses.replace(plan, selection={"selection": "release", "kernel": 3})
+    cache = make_cache("scalekv", plan=with_release.save(tmp_path / "plan.json"))
+    assert (cache.selection, cache.kernel, cache.pooling) == ("release", 3, "max")
+    assert main(["plan", "show", str(tmp_path / "plan.json")]) == 0
+    assert "selection: release, kernel 3" in capsys.readouterr().out
+    cache = make_cache("scalekv", plan=with_release, selection="spec", pooling="avg")
+    assert (cache.selection, cache.kernel, cache.pooling) == ("spec", 3, "avg")
+    assert Plan.from_dict(with_release.to_dict()).selection == {"selection": "release", "kernel": 3}
+    message = "selection='snap': expected one of 'spec', 'release'"
+    with pytest.raises(ValueError, match=message):
+        make_cache("scalekv", budget=0.1, drafters=[0], selection="snap")
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(plan, selection={"selection": "snap"})
+    with pytest.raises(ValueError, match="selection=None: expected one of"):
+        dataclasses.replace(plan, selection={"selection": None})
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------

@@ -93,8 +93,8 @@ class Plan:
 
     ``capacities[k][l]`` is what layer ``l`` retains after scale ``k``; ``drafters[k]`` the drafter layers at scale
     ``k`` (empty where a policy has no drafters); ``budget`` the fraction the plan was made for. ``selection``
-    optionally fixes ScaleKV's token-selection settings for the model the plan was calibrated on (``grid``,
-    ``kernel``, ``pooling``); a cache built from the plan uses them unless told otherwise.
+    optionally fixes ScaleKV's token-selection settings for the model the plan was calibrated on (``selection``,
+    ``grid``, ``kernel``, ``pooling``); a cache built from the plan uses them unless told otherwise.
     """
 
     schedule: tuple[tuple[int, int], ...]
@@ -258,16 +258,20 @@ class Plan:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
-SELECTION_KEYS = ("grid", "kernel", "pooling")
+SELECTION_KEYS = ("selection", "grid", "kernel", "pooling")
 
 
 def check_selection(selection: Mapping[str, Any]) -> None:
-    """A plan's selection settings: a subset of grid (int >= 1), kernel (odd int >= 1), pooling ('avg' or 'max')."""
+    """A plan's selection settings: a subset of selection ('spec' or 'release'), grid (int >= 1), kernel (odd int
+    >= 1), pooling ('avg' or 'max')."""
     unknown = sorted(set(selection) - set(SELECTION_KEYS))
     if unknown:
         raise ValueError(f"selection keys {unknown}: expected some of {list(SELECTION_KEYS)}")
-    from .policy import check_pooling, positive_int  # policy.py imports this module
+    from .policy import check_pooling, positive_int  # these modules import this one
+    from .scalekv import check_selection_mode
 
+    if "selection" in selection:
+        check_selection_mode(selection["selection"])
     if "grid" in selection:
         positive_int("grid", selection["grid"])
     check_pooling(selection.get("pooling", "avg"), selection.get("kernel", 1))

@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .base import CacheLayout, LayerKV, Scale
 from .plan import PAPER_REFINER_END, PAPER_REFINER_START, Plan, load_plan, rule_plan
-from .policy import ScoredPolicy, attention_mass, check_pooling, pool_scores, positive_int
+from .policy import CHUNK_ELEMENTS, ScoredPolicy, attention_mass, check_pooling, pool_scores, positive_int
 from .registry import register
 
 
@@ -29,7 +30,89 @@ def grid_window(h: int, w: int, grid: int) -> torch.Tensor:
     return (rows[:, None] * w + cols[None, :]).reshape(-1)
 
 
-DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_POOLING = 4, 5, "avg"  # SPEC §5
+def release_window(h: int, w: int, grid: int) -> torch.Tensor | None:
+    """The published ScaleKV code's observation window in an ``h`` x ``w`` map: ``(grid * grid,)`` int64 positions,
+    row-major, ascending, or None where a side is shorter than ``grid`` (the release then takes the most recent
+    ``grid * grid`` cached tokens instead, see :meth:`ScaleKV.release_window_at`).
+
+    Along a side of ``s`` tokens with ``p = s // grid``, the centres are ``i * p + (p - 1) // 2``: for even ``p``
+    the token just before the middle of the ``p``-token patch (side 24: 2, 8, 14, 20). The tokens past
+    ``grid * p`` belong to no patch. Each side is treated alone, so a non-square map gets its own rows and columns
+    (the release itself handles only square maps)."""
+    if min(h, w) < grid:
+        return None
+
+    def centres(side: int) -> torch.Tensor:
+        p = side // grid
+        return torch.arange(grid) * p + (p - 1) // 2
+
+    return (centres(h)[:, None] * w + centres(w)[None, :]).reshape(-1)
+
+
+def window_logit_sum(q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """``sum_i softmax_scale * q_i k^T`` over the queries (raw logits, no softmax): ``(rows, heads, L)`` in the
+    inputs' dtype, as the release computes it (logits in that dtype, the sum accumulated in float32 and rounded
+    once). ``q``: ``(rows, heads, n, D)``; ``k``: ``(rows, heads, L, D)``; at most :data:`CHUNK_ELEMENTS` logits
+    exist at once."""
+    rows, heads, n, _ = q.shape
+    length = k.shape[2]
+    step = max(1, CHUNK_ELEMENTS // max(1, rows * heads * length))
+    kt = k.transpose(-1, -2)
+    total = torch.zeros(rows, heads, length, dtype=torch.float32, device=q.device)
+    for i in range(0, n, step):
+        total += torch.matmul(q[:, :, i : i + step], kt).mul_(softmax_scale).sum(dim=2, dtype=torch.float32)
+    return total.to(q.dtype)
+
+
+def release_keep(
+    q_window: torch.Tensor,
+    k: torch.Tensor,
+    window: torch.Tensor,
+    capacity: int,
+    kernel: int,
+    pooling: str,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """The positions the published ScaleKV code keeps, ``(rows, heads, capacity)`` int64 ascending, per row and head.
+
+    ``q_window`` ``(rows, heads, n, D)``: the window's queries; ``k`` ``(rows, heads, L, D)``: every cached key;
+    ``window`` ``(n,)``: the window's distinct cache positions. Every key is scored by the window queries' summed
+    raw logits; the window positions are set to -inf, the scores pooled along the cache axis (``max``, or the
+    release's ``avg``, which counts the padding and lets a window's -inf spread to its neighbours), the window set
+    to -inf again, and the window is kept together with the ``capacity - n`` best others, chosen by ``topk`` on the
+    whole length as the release calls it, so that equal scores go the same way. Where ``capacity`` is below the
+    window (the release crashes there), the window positions with the largest summed logits are kept."""
+    length = k.shape[2]
+    if not 0 < capacity <= length:
+        raise ValueError(f"capacity {capacity} out of range: expected 1..{length} (the tokens held)")
+    raw = window_logit_sum(q_window, k, softmax_scale)
+    rows, heads, _ = raw.shape
+    if capacity <= window.numel():
+        top = raw[..., window].topk(capacity, dim=-1).indices
+        return window[top].sort(dim=-1).values
+    flat = raw.index_fill(-1, window, float("-inf")).reshape(rows * heads, 1, length)
+    if pooling == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    pooled = pooled.reshape(rows, heads, length).index_fill(-1, window, float("-inf"))
+    rest = pooled.topk(capacity - window.numel(), dim=-1).indices
+    kept = torch.cat((rest, window.expand(rows, heads, -1)), dim=-1)
+    return kept.sort(dim=-1).values
+
+
+SELECTIONS = ("spec", "release")
+
+
+def check_selection_mode(selection: str) -> str:
+    """ScaleKV's ``selection``: 'spec' (SPEC §5) or 'release' (the published code's choice); returns it."""
+    if not isinstance(selection, str) or selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}: expected one of {', '.join(map(repr, SELECTIONS))}")
+    return selection
+
+
+DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_SELECTION = 4, 5, "spec"  # SPEC §5
+DEFAULT_POOLING = {"spec": "avg", "release": "max"}  # SPEC §5; what the release is run with (infer_2b.py)
 
 
 @register
@@ -41,11 +124,17 @@ class ScaleKV(ScoredPolicy):
     refiners decaying from ``refiner_start`` to ``refiner_end`` times ``B``. ``budget`` may be left out with a plan
     (the plan's is used); given, it must be the plan's.
 
-    Selection: the observation window is the centre token of every cell of a ``grid`` x ``grid`` split of the
-    current map; every cached token is scored by the softmax attention of the window's real queries, summed and
-    pooled (``pooling`` 'avg' or 'max', ``kernel``); the window is kept, then the top scores, per row and head.
-    ``grid``, ``kernel`` and ``pooling`` left out take the plan's ``selection`` (a calibrated plan may carry the
-    settings its calibration chose), else SPEC §5's 4, 5 and 'avg'.
+    Selection, per row and head, from the real queries of the current map:
+
+    * ``selection='spec'`` (SPEC §5): the window is the centre token of every cell of a ``grid`` x ``grid`` split
+      of the map (:func:`grid_window`); every cached token is scored by the softmax attention of the window's
+      queries, summed and pooled (``pooling`` 'avg' or 'max', ``kernel``); the window is kept, then the top scores.
+    * ``selection='release'``: the tokens the published ScaleKV code keeps given these queries and keys: its
+      window (:func:`release_window`), raw logits summed without softmax, the window masked before and after the
+      pooling, its top-k (:func:`release_keep`). Its pooling defaults to 'max', as the release is run.
+
+    ``selection``, ``grid``, ``kernel`` and ``pooling`` left out take the plan's ``selection`` settings (a
+    calibrated plan may carry those its calibration chose), else 'spec', 4, 5 and 'avg' ('max' for 'release').
     """
 
     name = "scalekv"
@@ -59,6 +148,7 @@ class ScaleKV(ScoredPolicy):
         grid: int | None = None,
         kernel: int | None = None,
         pooling: str | None = None,
+        selection: str | None = None,
         refiner_start: float = PAPER_REFINER_START,
         refiner_end: float = PAPER_REFINER_END,
     ) -> None:
@@ -79,16 +169,18 @@ class ScaleKV(ScoredPolicy):
                 )
         super().__init__(budget)
         chosen = dict(plan.selection) if isinstance(plan, Plan) else {}
+        selection = selection if selection is not None else chosen.get("selection", DEFAULT_SELECTION)
+        self.selection = check_selection_mode(selection)
         grid = grid if grid is not None else chosen.get("grid", DEFAULT_GRID)
         kernel = kernel if kernel is not None else chosen.get("kernel", DEFAULT_KERNEL)
-        pooling = pooling if pooling is not None else chosen.get("pooling", DEFAULT_POOLING)
+        pooling = pooling if pooling is not None else chosen.get("pooling", DEFAULT_POOLING[selection])
         check_pooling(pooling, kernel)
         self.fixed_plan = plan
         self.drafters = drafters
         self.grid = positive_int("grid", grid)
         self.kernel, self.pooling = kernel, pooling
         self.refiner_start, self.refiner_end = refiner_start, refiner_end
-        self._windows: list[torch.Tensor] = []
+        self._windows: list[torch.Tensor | None] = []
 
     def make_plan(self, layout: CacheLayout) -> Plan:
         if self.fixed_plan is not None:
@@ -104,13 +196,36 @@ class ScaleKV(ScoredPolicy):
 
     def on_reset(self, layout: CacheLayout) -> None:
         super().on_reset(layout)
-        self._windows = [grid_window(s.h, s.w, self.grid) for s in layout.scales]
+        window = grid_window if self.selection == "spec" else release_window
+        self._windows = [window(s.h, s.w, self.grid) for s in layout.scales]
 
-    def _window(self, scale: Scale, device: torch.device) -> torch.Tensor:
+    def _window(self, scale: Scale, device: torch.device) -> torch.Tensor | None:
         win = self._windows[scale.index]
-        if win.device != device:
+        if win is not None and win.device != device:
             win = self._windows[scale.index] = win.to(device)
         return win
+
+    def release_window_at(self, scale: Scale, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The release's window at ``scale`` for a store of ``length`` tokens ending with the scale's map: its cache
+        positions ``(n,)`` and the map positions of the queries it scores with ``(n,)``.
+
+        Where a side is shorter than the grid, the release falls back to the most recent ``grid * grid`` cached
+        tokens (fewer if fewer are held); those before the current map are scored with the map's first query, as
+        the release clamps their query positions."""
+        local = self._window(scale, device)
+        start = length - scale.length
+        if local is not None:
+            return local + start, local
+        count = min(self.grid * self.grid, length)
+        positions = torch.arange(length - count, length, device=device)
+        return positions, (positions - start).clamp_(0, scale.length - 1)
+
+    def select(self, layer: int, scale: Scale, q: torch.Tensor, store: LayerKV, capacity: int) -> torch.Tensor:
+        if self.selection == "spec":
+            return super().select(layer, scale, q, store, capacity)
+        window, queries = self.release_window_at(scale, store.length, q.device)
+        obs = q.index_select(2, queries)
+        return release_keep(obs, store.k, window, capacity, self.kernel, self.pooling, self.layout.softmax_scale)
 
     def score(self, layer: int, scale: Scale, q: torch.Tensor, store: LayerKV) -> torch.Tensor:
         obs = q.index_select(2, self._window(scale, q.device))

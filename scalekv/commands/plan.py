@@ -85,7 +85,8 @@ def _origin(info: dict[str, Any]) -> list[str]:
             f"{prov.get('refiner_end'):.3g} of B, K' = {stats.get('top_k')}, {stats.get('samples')} samples"
         )
     if info["selection"]:
-        lines.append("selection: " + ", ".join(f"{k} {v}" for k, v in info["selection"].items()))
+        settings = (str(v) if k == "selection" else f"{k} {v}" for k, v in info["selection"].items())
+        lines.append("selection: " + ", ".join(settings))
     return lines
 
 
