@@ -4,10 +4,10 @@ Runs the real generation loop (text pool, CFG on logits, bit sampling, trilinear
 the 13-scale 1M schedule (10,521 tokens; the last scale attends over a 6,425-token prefix) with random weights and
 random text features; weights do not matter for memory. Per policy it prints, from one run:
 
-* the history it keeps: retained KV bytes after the second-to-last scale (what the 64x64 scale attends over besides
+* the history it keeps: KV bytes held after the second-to-last scale (what the 64x64 scale attends over besides
   its own map), checked against SPEC §4's accounting ``2 x layers x rows x tokens x channels x bytes``, and the same
   token counts priced at Infinity-2B's width (2048 channels, bf16);
-* the peak KV bytes (the last scale's own 4,096 tokens included) and the ratio to the full cache;
+* the peak KV bytes (``kv_bytes_peak``, the store's allocation) and ``kv_peak_ratio``, over the reference full cache;
 * wall time and the share spent compressing.
 
 ScaleKV runs the released 10% plan for Infinity-2B (``--plan``); the other policies run ``--budget`` (default 0.1).
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         full_seconds = seconds if name == "full" else full_seconds
         history = gen.scales[-2]
         tokens = sum(history.cache_lengths)
-        spec = 2 * rows * tokens * channels * elem  # K and V, every row, every retained token of every layer
+        spec = 2 * rows * tokens * channels * elem  # K and V, every row, every held token of every layer
         ok = "ok" if spec == history.kv_bytes else f"MISMATCH ({history.kv_bytes})"
         kept = "yes" if capacities_kept(gen, cache, schedule) else "NO"
         at_2b = 2 * rows * tokens * WIDTH_2B * BF16
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {tokens / cfg.depth:.1f} | {history.kv_bytes / 2**20:.2f} MiB | {ok} | {kept} | "
             f"{at_2b / 1e9:.3f} GB | {history.kv_bytes / full_prefix:.3f} | {gen.kv_bytes_peak / 2**20:.2f} MiB | "
-            f"{gen.kv_bytes_peak / gen.kv_bytes_full:.3f} | {seconds:.1f}"
+            f"{gen.kv_peak_ratio:.3f} | {seconds:.1f}"
             f"{f' ({seconds / full_seconds:.2f}x)' if full_seconds and name != 'full' else ''} | "
             f"{getattr(cache, 'compress_seconds', 0.0):.1f} |",
             flush=True,
