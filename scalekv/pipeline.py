@@ -11,6 +11,7 @@ import torch
 
 from .cache.base import KVCache
 from .checkpoint import CheckpointError
+from .checks import check_seed
 from .models.var import VAR, VAR_PRESETS, VARConfig, load_var
 from .models.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig, load_vqvae
 from .sampling import sample_top_k_top_p
@@ -45,9 +46,17 @@ class Generation:
 
 
 def _check_labels(labels, num_classes: int) -> torch.Tensor:
-    t = torch.as_tensor(labels)
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.ndim != 1 or t.numel() == 0:
-        raise ValueError(f"labels {labels!r}: expected a non-empty 1-D sequence of integer class ids")
+    expected = f"labels {labels!r}: expected a non-empty 1-D sequence of integer class ids, e.g. [207, 360]"
+    if labels is None or isinstance(labels, (str, bytes)):
+        raise ValueError(expected)
+    if isinstance(labels, (list, tuple)) and any(isinstance(x, (str, bytes)) for x in labels):
+        raise ValueError(expected)
+    try:
+        t = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(expected) from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.ndim != 1 or t.numel() == 0:
+        raise ValueError(expected)
     bad = t[(t < 0) | (t >= num_classes)]
     if bad.numel():
         raise ValueError(f"labels {bad.tolist()} out of range: expected class ids in [0, {num_classes - 1}]")
@@ -127,6 +136,7 @@ class VARPipeline:
         m, vae = self.model, self.vae
         labels = _check_labels(labels, m.cfg.num_classes).to(self.device)
         check_sampling(cfg, top_k, top_p)
+        seed = 0 if seed is None else check_seed(seed)
         cache = cache if cache is not None else KVCache()
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a scalekv KVCache, got {type(cache).__name__}")
