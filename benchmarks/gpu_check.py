@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = dict(cfg=3.0, tau=0.5, top_k=900, top_p=0.97, seed=0)
     caches = {
         "full": lambda: make_cache("full"),
-        "scalekv 10%": (lambda: make_cache("scalekv", plan=plan)) if plan else lambda: make_cache(
-            "scalekv", budget=0.1, drafters=[0]
-        ),
+        "scalekv 10%": (lambda: make_cache("scalekv", plan=plan))
+        if plan
+        else lambda: make_cache("scalekv", budget=0.1, drafters=[0]),
         "snapkv 10%": lambda: make_cache("snapkv", budget=0.1),
     }
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         f"# Infinity {cfg.depth} layers x {cfg.embed_dim}, {schedule.total_tokens} tokens, batch {args.batch} + CFG, "
         f"{device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, torch {torch.__version__}"
     )
-    print("| cache | s / image | kv_bytes_peak | kv_peak_ratio | max_memory_allocated above start | measured / computed |")
+    print(
+        "| cache | s / image | kv_bytes_peak | kv_peak_ratio | max_memory_allocated above start | measured / computed |"
+    )
     print("|---|---|---|---|---|---|")
     with autocast:
         pipe.generate(text, schedule=schedule, cache=caches["full"](), **sampling)  # warm-up

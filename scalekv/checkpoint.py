@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -13,23 +16,76 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model it is loaded into."""
 
 
+def read_json(path: str | Path, what: str = "config file") -> dict:
+    """A JSON object from ``path``; a missing, unreadable or malformed file raises one :class:`CheckpointError`
+    naming it (``what`` says what the file is, e.g. "demo model config")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{what} {str(path)!r} is not a text file: expected JSON") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {str(path)!r} holds a JSON {type(data).__name__}: expected an object")
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error's message (library messages run on with advice that does not apply)."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(". ")[0].rstrip(".")
+
+
+def load_pickle(path: str | Path):
+    """``torch.load`` with ``weights_only=True`` on the CPU; every failure becomes one line naming the file. A file
+    that pickles other Python objects is refused as such: scalekv never unpickles arbitrary objects (that can run
+    code)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} pickles the Python object {found.group(1)}, which is not weights-only safe "
+                "(loading it could run code): expected a file of tensors only; save the state dict "
+                "(torch.save(model.state_dict(), ...)) or a .safetensors file"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt: not a readable PyTorch file"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt: PyTorch cannot read it ({_first_line(e)})"
+        ) from None
+
+
 def read_state_file(path: str | Path, *, nested_key: str | None = None) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a PyTorch pickle (``.pth``/``.pt``/``.bin``, weights only).
 
-    ``nested_key`` names the entry of a pickled dict that holds the weights (e.g. ``"vae"``).
+    ``nested_key`` names the entry of a pickled dict that holds the weights (e.g. ``"vae"``). A missing, truncated or
+    corrupt file, or a pickle that is not weights-only safe, raises one :class:`CheckpointError` naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder: expected a .safetensors or .pth/.pt/.bin file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {_first_line(e)}") from None
     elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_pickle(path)
     else:
         raise CheckpointError(f"checkpoint {str(path)!r}: expected a .safetensors or .pth/.pt/.bin file")
-    if nested_key is not None and nested_key in state and isinstance(state[nested_key], Mapping):
+    if nested_key is not None and isinstance(state, Mapping) and isinstance(state.get(nested_key), Mapping):
         state = state[nested_key]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a flat state dict of tensors")

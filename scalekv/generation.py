@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache.base import CacheLayout, KVCache, Scale
+from .checks import check_seed
 
 
 @dataclass
@@ -146,9 +147,7 @@ def check_sampling(cfg: float, top_k: int, top_p: float) -> None:
 
 def make_generator(seed, device: torch.device) -> torch.Generator:
     """The sampling generator for ``seed`` (None means 0) on ``device``; a seed must be an integer in [0, 2**63)."""
-    seed = 0 if seed is None else seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed={seed!r}: expected an integer in [0, 2**63)")
+    seed = 0 if seed is None else check_seed(seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .infinity_pipeline import InfinityPipeline, infinity_names
@@ -47,6 +46,21 @@ def policy_defaults(model: str, policy: str, budget: float | None, weights=None,
     return {"plan": str(path)} if path is not None else {}
 
 
+# the arguments that make a ScaleKV cache's plan: given one, the shipped plan is not added (drafters: the SPEC §4 rule)
+PLAN_SOURCES = frozenset({"plan", "drafters"})
+
+
+def with_policy_defaults(
+    given: dict | None, model: str, policy: str, budget: float | None, weights=None, schedule=None
+) -> dict:
+    """``given`` arguments of ``policy`` plus the :func:`policy_defaults` they leave out: ScaleKV keeps the plan the
+    model ships for ``budget`` unless ``given`` names its own plan (``plan`` or ``drafters``)."""
+    given = dict(given or {})
+    if budget is None or PLAN_SOURCES & set(given):
+        return given
+    return {**policy_defaults(model, policy, budget, weights, schedule), **given}
+
+
 VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}  # the official VAR demo settings
 
 
@@ -58,10 +72,15 @@ def default_sampling(model: str, weights: str | Path | None = None) -> dict:
     path = (Path(weights) if weights else DEMO_DIR) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"demo model config {str(path)!r} does not exist (expected `scalekv train export`)")
-    meta = json.loads(path.read_text())
-    if "sampling" not in meta:
-        raise ValueError(f"{str(path)!r} has no 'sampling' entry; re-export the model with `scalekv train export`")
-    return dict(meta["sampling"])
+    from .checkpoint import read_json
+
+    sampling = read_json(path, "demo model config").get("sampling")
+    if not isinstance(sampling, dict) or sorted(sampling) != ["cfg", "top_k", "top_p"]:
+        raise ValueError(
+            f"demo model config {str(path)!r}: 'sampling' is {sampling!r}, expected an object with cfg, top_k and "
+            "top_p; re-export the model with `scalekv train export`"
+        )
+    return dict(sampling)
 
 
 def model_names() -> list[str]:
@@ -71,7 +90,7 @@ def model_names() -> list[str]:
 def load_demo(folder: str | Path | None = None) -> VARPipeline:
     """The demo model shipped in the package (a small VAR trained on Fashion-MNIST, see docs/model_card.md), or
     the same layout in ``folder`` (what ``scalekv train export`` writes). Runs on CPU in float32."""
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, read_json
     from .models.var import VARConfig, load_var
     from .models.vqvae import VQVAEConfig, load_vqvae
     from .training.common import config_from_json
@@ -83,9 +102,14 @@ def load_demo(folder: str | Path | None = None) -> VARPipeline:
         raise CheckpointError(
             f"demo model incomplete: missing {missing} (expected the output of `scalekv train export`)"
         )
-    meta = json.loads(paths[0].read_text())
-    var_cfg = config_from_json(VARConfig, meta["var"])
-    vae_cfg = config_from_json(VQVAEConfig, meta["vae"])
+    meta = read_json(paths[0], "demo model config")
+    try:
+        if not isinstance(meta.get("var"), dict) or not isinstance(meta.get("vae"), dict):
+            raise ValueError("expected 'var' and 'vae' objects (the model's architecture)")
+        var_cfg = config_from_json(VARConfig, meta["var"])
+        vae_cfg = config_from_json(VQVAEConfig, meta["vae"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"demo model config {str(paths[0])!r}: {e}") from None
     return VARPipeline(load_var(str(paths[1]), var_cfg), load_vqvae(str(paths[2]), vae_cfg))
 
 

@@ -140,8 +140,12 @@ class InfinityPipeline:
         ``forced_bits`` (B, L, d_vae) replaces the sampled bits at every scale (teacher-forced cached inference, the
         reference's ``gt_leak``): the logits are still computed and recorded.
         """
-        m, vae = self.model, self.vae
         check_sampling(cfg, top_k, top_p)
+        if schedule is None:
+            size = check_size(size)
+        elif not isinstance(schedule, ScaleSchedule):
+            raise ValueError(f"schedule={schedule!r}: expected a ScaleSchedule (or leave it out and give size)")
+        m, vae = self.model, self.vae
         if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
             raise ValueError(f"tau={tau!r}: expected a positive temperature")
         schedule = schedule if schedule is not None else schedule_for_size(*size)
@@ -215,6 +219,17 @@ class InfinityPipeline:
         return torch.cat(out, dim=1)
 
 
+def check_size(size) -> tuple[int, int]:
+    """``size`` for :meth:`InfinityPipeline.generate`: a (height, width) pair of integers in pixels. Text such as
+    ``"256x256"`` is refused (the command line's WIDTHxHEIGHT text goes through
+    :func:`scalekv.models.schedules.parse_size`)."""
+    ok = isinstance(size, (tuple, list)) and len(size) == 2
+    if not ok or any(isinstance(v, bool) or not isinstance(v, int) for v in size):
+        hint = "; for 'WIDTHxHEIGHT' text use scalekv.models.schedules.parse_size" if isinstance(size, str) else ""
+        raise ValueError(f"size={size!r}: expected (height, width) in pixels, e.g. (1024, 1024){hint}")
+    return int(size[0]), int(size[1])
+
+
 def to_official_uint8(images: torch.Tensor) -> torch.Tensor:
     """What the reference returns for RGB ``images`` (B, 3, H, W) in [0, 1]: (B, H, W, 3) uint8, truncated, BGR."""
     return images.permute(0, 2, 3, 1).mul(255).to(torch.uint8).flip(dims=(3,))
@@ -227,17 +242,19 @@ def infinity_names() -> list[str]:
 def read_custom_config(folder: Path) -> tuple[InfinityConfig, BSQVAEConfig]:
     """Architecture of a non-preset model: ``folder/config.json`` = ``{"infinity": {...}, "vae": {...}}`` with
     :class:`InfinityConfig` and :class:`BSQVAEConfig` fields."""
+    from .checkpoint import read_json
+
     path = folder / CUSTOM_CONFIG
     if not path.is_file():
         raise CheckpointError(f"model 'infinity' needs {str(path)!r} describing the architecture")
-    raw = json.loads(path.read_text())
+    raw = read_json(path, "model config")
     if set(raw) != {"infinity", "vae"}:
         raise CheckpointError(f"{str(path)!r}: expected exactly the keys 'infinity' and 'vae', got {sorted(raw)}")
     try:
         vae = raw["vae"]
         vae_cfg = BSQVAEConfig(**{**vae, "ch_mult": tuple(vae["ch_mult"])} if "ch_mult" in vae else vae)
         return InfinityConfig(**raw["infinity"]), vae_cfg
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{str(path)!r}: {e}") from None
 
 

@@ -15,9 +15,17 @@ from .sampling import sample_top_k_top_p
 
 
 def _check_labels(labels, num_classes: int) -> torch.Tensor:
-    t = torch.as_tensor(labels)
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.ndim != 1 or t.numel() == 0:
-        raise ValueError(f"labels {labels!r}: expected a non-empty 1-D sequence of integer class ids")
+    expected = f"labels {labels!r}: expected a non-empty 1-D sequence of integer class ids, e.g. [207, 360]"
+    if labels is None or isinstance(labels, (str, bytes)):
+        raise ValueError(expected)
+    if isinstance(labels, (list, tuple)) and any(isinstance(x, (str, bytes)) for x in labels):
+        raise ValueError(expected)
+    try:
+        t = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(expected) from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.ndim != 1 or t.numel() == 0:
+        raise ValueError(expected)
     bad = t[(t < 0) | (t >= num_classes)]
     if bad.numel():
         raise ValueError(f"labels {bad.tolist()} out of range: expected class ids in [0, {num_classes - 1}]")
@@ -89,7 +97,8 @@ class VARPipeline:
         labels = _check_labels(labels, m.cfg.num_classes).to(self.device)
         check_sampling(cfg, top_k, top_p)
         loop = GenerationLoop(cache)
-        gen = None if greedy else make_generator(seed, self.device)
+        gen = make_generator(seed, self.device)  # validates the seed even when greedy ignores it
+        gen = None if greedy else gen
         b, scales = labels.shape[0], m.cfg.scales
 
         loop.begin(m.cache_layout(rows=2 * b, cond_rows=b))

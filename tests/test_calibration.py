@@ -188,7 +188,8 @@ def test_cli_writes_plan_and_plots_and_refuses_bad_paths(tmp_path, capsys, monke
     monkeypatch.setattr(scalekv.hub, "load_pipeline", lambda name, weights=None, **kw: tiny_pipeline(depth=4))
     monkeypatch.setattr("scalekv.hub.default_sampling", lambda model, weights: {"cfg": 1.5, "top_k": 10})
     out = tmp_path / "plan.json"
-    argv = ["calibrate", "--model", "var-d16", "--budget", "0.3", "--samples", "3", "--drafters", "1", "--grid", "2"]
+    # a made-up name: the tiny model is no var-d16, and a plan labelled so would be refused on load
+    argv = ["calibrate", "--model", "tiny", "--budget", "0.3", "--samples", "3", "--drafters", "1", "--grid", "2"]
     assert main([*argv, "--out", str(out)]) == 0
     plan = load_plan(out)
     assert plan.selection == {"grid": 2} and sum(len(d) for d in plan.drafters) == 1

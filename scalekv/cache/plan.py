@@ -357,6 +357,23 @@ def pyramid_plan(scales: Sequence[Scale], num_layers: int, budget: float, beta: 
     return build_plan(scales, num_layers, budget, targets, provenance={"rule": "pyramid", "beta": beta})
 
 
+def check_refiner_schedule(
+    start: float, end: float, start_name: str = "refiner_start", end_name: str = "refiner_end"
+) -> None:
+    """Refiner capacities of :func:`rule_plan`, as fractions of B: both in (0, 1], ``end <= start``."""
+
+    def label(name: str, value: Any) -> str:
+        return f"{name} {value!r}" if name.startswith("--") else f"{name}={value!r}"
+
+    for name, value in ((start_name, start), (end_name, end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{label(name, value)}: expected a fraction of B in (0, 1]")
+        if not 0 < value <= 1:
+            raise ValueError(f"{label(name, value)}: expected a fraction of B in (0, 1]")
+    if end > start:
+        raise ValueError(f"{label(end_name, end)} > {label(start_name, start)}: refiners must not grow")
+
+
 def rule_plan(
     scales: Sequence[Scale],
     num_layers: int,
@@ -375,11 +392,7 @@ def rule_plan(
     given more than it holds, and what a capped drafter cannot take goes back to the refiners. A scale without
     drafters is uniform. The defaults are the paper's 2B/10% setting (``B_r(0) = 600``, ``delta = 70``, ``B = 650``).
     """
-    for name, value in (("refiner_start", refiner_start), ("refiner_end", refiner_end)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
-            raise ValueError(f"{name}={value!r}: expected a fraction of B in (0, 1]")
-    if refiner_end > refiner_start:
-        raise ValueError(f"refiner_end={refiner_end!r} > refiner_start={refiner_start!r}: refiners must not grow")
+    check_refiner_schedule(refiner_start, refiner_end)
     avg = average_capacity(budget, scales)
     first = first_compressed_scale(scales, avg)
     compressed = [] if first is None else list(range(first, len(scales) - 1))
@@ -431,6 +444,8 @@ def load_plan(path: str | Path, budget: float | None = None) -> Plan:
     (650 / 6425 -> 0.10). Any problem raises ValueError naming the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"plan file {str(path)!r} is a folder: expected a plan JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"plan file {str(path)!r} does not exist")
     try:
@@ -439,11 +454,49 @@ def load_plan(path: str | Path, budget: float | None = None) -> Plan:
         raise ValueError(f"plan file {str(path)!r} is not valid JSON: {e}") from None
     try:
         if isinstance(data, dict) and any(isinstance(k, str) and k.startswith("Scale ") for k in data):
-            return released_plan(data, budget=budget, model=path.stem)
-        plan = Plan.from_dict(data)
+            plan = released_plan(data, budget=budget, model=path.stem)
+        else:
+            plan = Plan.from_dict(data)
     except ValueError as e:
         raise ValueError(f"plan file {str(path)!r} is malformed: {e}") from None
+    try:
+        check_labels(plan)
+    except ValueError as e:
+        raise ValueError(f"plan file {str(path)!r} is mislabelled: {e}") from None
     return plan
+
+
+def check_labels(plan: Plan) -> None:
+    """Refuse a plan whose labels disagree with its capacities.
+
+    ``budget`` must give the plan's B (:attr:`Plan.average_capacity`) to within rounding and half a percentage point
+    of the prefix (the released files label their budgets in whole percent: 650 of 6425 tokens is 10%). A ``model``
+    naming a VAR preset must have its depth and schedule, one naming an Infinity preset its depth (its schedule
+    depends on the image size); other labels (``demo``, a file name) name no fixed architecture."""
+    prefix = plan.scales[-1].start
+    labelled = plan.budget * prefix
+    if abs(plan.average_capacity - labelled) > 0.5 + 0.005 * prefix:
+        raise ValueError(
+            f"budget {plan.budget:g} means B = {labelled:.4g} tokens per layer of the {prefix}-token prefix, but the "
+            f"capacities keep B = {plan.average_capacity:g} (budget {plan.average_capacity / prefix:.3g}); "
+            "expected a budget label that matches the capacities"
+        )
+    from ..models.infinity import INFINITY_PRESETS
+    from ..models.var import VAR_PRESETS
+
+    if plan.model in VAR_PRESETS:
+        cfg = VAR_PRESETS[plan.model]
+        schedule = tuple((p, p) for p in cfg.patch_nums)
+        if plan.schedule != schedule or plan.num_layers != cfg.depth:
+            raise ValueError(
+                f"model {plan.model!r} has {cfg.depth} layers and the schedule {_fmt_schedule(schedule)}, but the "
+                f"capacities are for {plan.num_layers} layers and {_fmt_schedule(plan.schedule)}"
+            )
+    elif plan.model in INFINITY_PRESETS and plan.num_layers != INFINITY_PRESETS[plan.model].depth:
+        raise ValueError(
+            f"model {plan.model!r} has {INFINITY_PRESETS[plan.model].depth} layers, but the capacities are for "
+            f"{plan.num_layers} layers"
+        )
 
 
 def released_plan(data: Mapping[str, Any], budget: float | None = None, model: str = "") -> Plan:

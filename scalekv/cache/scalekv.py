@@ -115,6 +115,29 @@ DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_SELECTION = 4, 5, "spec"  # SPEC §5
 DEFAULT_POOLING = {"spec": "avg", "release": "max"}  # SPEC §5; what the release is run with (infer_2b.py)
 
 
+def check_drafters(drafters) -> list[int] | dict[int, list[int]]:
+    """ScaleKV's ``drafters``: a sequence of layer indices, or a mapping scale index -> such a sequence (the range
+    of each index is checked against the model when the plan is made)."""
+
+    def layers(value, where: str) -> list[int]:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+            raise ValueError(
+                f"drafters{where}={value!r}: expected a list of layer indices such as [0, 3] "
+                "(or a mapping scale -> layer indices)"
+            )
+        bad = [d for d in value if isinstance(d, bool) or not isinstance(d, int)]
+        if bad:
+            raise ValueError(f"drafters{where}={list(value)!r}: expected integer layer indices, got {bad[0]!r}")
+        return list(value)
+
+    if isinstance(drafters, Mapping):
+        bad = [k for k in drafters if isinstance(k, bool) or not isinstance(k, int)]
+        if bad:
+            raise ValueError(f"drafters={dict(drafters)!r}: expected integer scale indices as keys, got {bad[0]!r}")
+        return {k: layers(v, f"[{k}]") for k, v in drafters.items()}
+    return layers(drafters, "")
+
+
 @register
 class ScaleKV(ScoredPolicy):
     """ScaleKV (SPEC §5) at the capacities of a plan.
@@ -157,7 +180,11 @@ class ScaleKV(ScoredPolicy):
                 "ScaleKV needs exactly one of plan=<Plan or plan file> and drafters=<layer indices> "
                 "(make a plan for your model and budget with `scalekv calibrate`)"
             )
+        if drafters is not None:
+            drafters = check_drafters(drafters)
         if plan is not None and not isinstance(plan, Plan):
+            if not isinstance(plan, (str, Path)):
+                raise ValueError(f"plan={plan!r}: expected a Plan or the path of a plan file")
             plan = load_plan(plan)
         if isinstance(plan, Plan):
             if budget is None:

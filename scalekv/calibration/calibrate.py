@@ -28,6 +28,7 @@ from ..cache.plan import (
     PAPER_REFINER_START,
     Plan,
     average_capacity,
+    check_refiner_schedule,
     first_compressed_scale,
     rule_plan,
 )
@@ -170,7 +171,7 @@ def plan_from_stats(
         )
     values = asi(stats.current, stats.topk, combine)
     z = standardise(values)
-    flags = pick_drafters(z, compressed, num_drafters)
+    flags = pick_drafters(z, compressed, num_drafters) if compressed else None  # nothing compressed: no drafters
     drafters = {k: [layer for layer in range(layers) if flags[k, layer]] for k in compressed}
     full_scales = [k for k, d in drafters.items() if len(d) == layers]
     if full_scales:
@@ -241,12 +242,46 @@ def calibrate(
     cycling over the classes (prompts must be given). ``generate_kwargs`` go to ``pipe.generate`` (sampling
     settings, Infinity's ``schedule``). The seed defaults away from 0 so that calibration and evaluation images
     differ. Returns the plan; save it with :meth:`Plan.save`.
+
+    Every argument is checked before the calibration pass. A budget whose B covers the whole prefix (e.g. 1.0)
+    compresses no scale: the result is then the keep-everything plan, made without a calibration pass (there is
+    nothing to choose), and it carries no statistics.
     """
+    from ..checks import check_seed
+
+    budget = check_budget(budget)
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r}: expected one of {COMBINES}")
+    check_refiner_schedule(refiner_start, refiner_end)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
     if inputs is None:
         num_classes = getattr(getattr(getattr(pipe, "model", None), "cfg", None), "num_classes", None)
         if num_classes is None:
             raise ValueError("this pipeline is not class-conditional: pass inputs=[prompts] to calibrate it")
         inputs = default_inputs(num_classes, samples)
+    check_seed(seed, count=-(-len(inputs) // batch_size))
+    layout = _layout(pipe, generate_kwargs)
+    if layout is not None:
+        scales, layers = layout.scales, layout.num_layers
+        compressed = _compressed_scales(scales, average_capacity(budget, scales))
+        pairs = len(compressed) * layers
+        if num_drafters is not None and (
+            isinstance(num_drafters, bool) or not isinstance(num_drafters, int) or not 0 <= num_drafters <= pairs
+        ):
+            raise ValueError(
+                f"num_drafters={num_drafters!r}: expected an integer in 0..{pairs} "
+                f"({len(compressed)} compressed scales x {layers} layers at budget {budget})"
+            )
+        if not compressed:
+            plan = rule_plan(scales, layers, budget, [], model=model)
+            provenance = {
+                "rule": "keep-everything",
+                "source": f"scalekv calibrate: budget {budget:g} keeps the whole {scales[-1].start}-token prefix, "
+                "so no scale is compressed (no calibration pass)",
+                "seed": seed,
+            }
+            return dataclasses.replace(plan, provenance=provenance)
     bound = bound_generate(pipe.generate, generate_kwargs)
     stats = collect_stats(bound, inputs, budget=budget, batch_size=batch_size, seed=seed, progress=progress)
     extra = {"seed": seed, "generate": {k: v for k, v in generate_kwargs.items() if _is_plain(v)}}
@@ -260,6 +295,29 @@ def calibrate(
         model=model,
         extra=extra,
     )
+
+
+def _layout(pipe: Any, generate_kwargs: dict[str, Any]):
+    """The cache layout ``pipe`` generates with (VAR: its schedule; Infinity: ``generate_kwargs["schedule"]``), or
+    None where the pipeline does not say."""
+    layout_of = getattr(getattr(pipe, "model", None), "cache_layout", None)
+    if layout_of is None:
+        return None
+    if "schedule" not in generate_kwargs:
+        try:
+            return layout_of(rows=2, cond_rows=1)  # VAR: one schedule
+        except TypeError:  # Infinity without a schedule: the one of its size argument
+            from ..models.schedules import schedule_for_size
+
+            schedule = schedule_for_size(*generate_kwargs.get("size", (1024, 1024)))
+    else:
+        schedule = generate_kwargs["schedule"]
+    return layout_of(schedule, rows=2, cond_rows=1)
+
+
+def _compressed_scales(scales, avg: int) -> list[int]:
+    first = first_compressed_scale(scales, avg)
+    return [] if first is None else list(range(first, len(scales) - 1))
 
 
 def bound_generate(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[..., Any]:

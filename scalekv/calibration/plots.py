@@ -73,12 +73,17 @@ def plot_capacities(plan: Plan, path: str | Path) -> Path:
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically (rendered in memory, then :func:`scalekv.atomic.atomic_write_bytes`)."""
+    import io
+
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    fig.savefig(path, dpi=120)
+    from ..atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_plan(plan: Plan, plan_path: str | Path) -> list[Path]:

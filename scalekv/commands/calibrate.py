@@ -18,10 +18,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t5", help="Infinity: local flan-t5-xl folder")
     p.add_argument("--size", default="1024x1024", help="Infinity: WIDTHxHEIGHT, mapped to the nearest template")
     p.add_argument("--prompts", help="Infinity: a text file with one calibration prompt per line")
-    p.add_argument("--budget", type=float, required=True, help="KV budget fraction in (0, 1], e.g. 0.1")
+    p.add_argument(
+        "--budget",
+        type=float,
+        required=True,
+        help="KV budget fraction in (0, 1], e.g. 0.1; a budget that keeps the whole prefix (1.0) gives the "
+        "keep-everything plan without a calibration pass",
+    )
     p.add_argument("--samples", type=int, default=16, help="VAR: calibration images, labels cycling (default 16)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=1000, help="calibration seed (default 1000, away from eval seeds)")
+    p.add_argument(
+        "--seed", type=int, default=1000, help="calibration seed in [0, 2**63) (default 1000, away from eval seeds)"
+    )
     p.add_argument("--combine", choices=COMBINES, default=DEFAULT_COMBINE, help=f"ASI (default {DEFAULT_COMBINE})")
     p.add_argument(
         "--drafters",
@@ -49,8 +57,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pooling", choices=("avg", "max"), help="record ScaleKV's pooling in the plan (default avg)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-plots", action="store_true", help="skip the two PNGs next to the plan")
-    p.add_argument("--out", required=True, help="the plan JSON to write (its folder must exist)")
+    p.add_argument(
+        "--no-plots", action="store_true", help="skip the two PNGs next to the plan (<stem>_asi.png, _capacities.png)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the plan JSON to write (its folder must exist); an existing file there is replaced only if it is a "
+        "plan in our format, and so are the two PNGs next to it",
+    )
     p.set_defaults(run=run)
 
 
@@ -64,23 +79,58 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def plot_paths(out: Path) -> list[Path]:
+    """The two PNGs :func:`scalekv.calibration.plots.plot_plan` writes next to the plan ``out``."""
+    stem = out.with_suffix("")
+    return [stem.with_name(stem.name + "_asi.png"), stem.with_name(stem.name + "_capacities.png")]
+
+
+def check_args(args: argparse.Namespace) -> Path:
+    """Every argument that can be checked without the model, before it is loaded; returns the plan path."""
+    from ..cache.base import check_budget
+    from ..cache.plan import check_selection
+    from ..checks import check_device, check_seed
+    from ..outputs import check_output_file
+    from .plan import check_plan_out
+
+    out = check_plan_out(args.out, parent_must_exist=True)
+    if not args.no_plots:
+        for path in plot_paths(out):  # replaced along with the plan (see --out)
+            check_output_file(path, flag="plot", owned=lambda p: p.suffix == ".png", expected="a PNG file name")
+    check_budget(args.budget)
+    for name in ("samples", "batch_size"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+    if args.drafters is not None and args.drafters < 0:
+        raise ValueError(f"--drafters {args.drafters}: expected a number of drafter pairs >= 0")
+    check_refiners(args.refiner_start, args.refiner_end)
+    check_selection({k: getattr(args, k) for k in ("grid", "kernel", "pooling") if getattr(args, k) is not None})
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
+    check_device(args.device, "--device")
+    check_seed(args.seed, "--seed", count=-(-args.samples // args.batch_size))
+    return out
+
+
+def check_refiners(start: float, end: float) -> None:
+    from ..cache.plan import check_refiner_schedule
+
+    check_refiner_schedule(start, end, "--refiner-start", "--refiner-end")
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     import torch
 
     from ..calibration.calibrate import calibrate
+    from ..checks import check_seed
     from ..hub import default_sampling, load_pipeline
     from ..infinity_pipeline import infinity_names
 
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {args.out!r}: the folder {str(out.parent)!r} does not exist")
-    if out.suffix != ".json":
-        raise ValueError(f"--out {args.out!r}: expected a .json file name")
+    out = check_args(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
         torch.set_num_threads(args.threads)
     selection = {k: getattr(args, k) for k in ("grid", "kernel", "pooling") if getattr(args, k) is not None}
     if args.model in infinity_names():
@@ -89,14 +139,16 @@ def run(args: argparse.Namespace) -> int:
         if not args.prompts or not args.t5:
             raise ValueError(f"{args.model!r} calibrates on prompts: give --prompts FILE and --t5 FOLDER")
         inputs = read_prompts(args.prompts)
+        check_seed(args.seed, "--seed", count=-(-len(inputs) // args.batch_size))
+        schedule = schedule_for_size(*parse_size(args.size))
         pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
-        generate_kwargs = {"schedule": schedule_for_size(*parse_size(args.size))}
+        generate_kwargs = {"schedule": schedule}
     else:
         if args.prompts or args.vae or args.t5:
             raise ValueError(f"--prompts/--vae/--t5 apply to Infinity models only, not {args.model!r}")
         inputs = None
-        pipe = load_pipeline(args.model, args.weights).to(args.device)
         generate_kwargs = default_sampling(args.model, args.weights)
+        pipe = load_pipeline(args.model, args.weights).to(args.device)
     plan = calibrate(
         pipe,
         args.budget,
@@ -116,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, selection=selection)
     plan.save(out)
     written = [out]
+    if not plan.compressed_scales:
+        for path in plot_paths(out):  # an earlier plan's pictures would describe another plan
+            path.unlink(missing_ok=True)
+        print(f"{plan.provenance['source']}: the plan keeps everything (no plots: there are no statistics)")
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
     if not args.no_plots:
         from ..calibration.plots import plot_plan
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +46,15 @@ class DemoRow:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded demo model under every cache policy at 10%% and 20%%")
-    p.add_argument("--out", default="out/demo", help="output folder (created); default out/demo")
+    p.add_argument(
+        "--out",
+        default="out/demo",
+        help="output folder (default out/demo): new (created), empty, or an earlier `scalekv demo` output, which is "
+        "replaced as a whole; a folder with other files is refused",
+    )
     p.add_argument("--model", default="demo", help="model name (default: the embedded demo model)")
     p.add_argument("--weights", help="weights folder (default: the copy shipped in the package)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, an integer in [0, 2**63) (default 0)")
     p.add_argument(
         "--threads",
         type=int,
@@ -146,9 +150,28 @@ def grid_image(rows: list[DemoRow], col_titles: list[str], zoom: int = 4):
     return canvas
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..hub import DEMO, default_sampling, load_pipeline
+RESULTS = "demo_results.json"  # written last: the file that marks a demo output folder complete
+DEMO_FILES = ("demo_grid.png", "demo_table.md", RESULTS)
 
+
+def _demo_files(results: dict) -> tuple[str, ...]:
+    return DEMO_FILES
+
+
+def run(args: argparse.Namespace) -> int:
+    import io
+
+    from ..checks import check_seed
+    from ..hub import DEMO, default_sampling, load_pipeline
+    from ..outputs import check_output_folder, owned_by, replace_output
+
+    out = check_output_folder(
+        args.out,
+        owned=owned_by(RESULTS, _demo_files),
+        expected="a new or empty folder, or one holding only an earlier `scalekv demo` output "
+        f"({', '.join(DEMO_FILES)})",
+    )
+    check_seed(args.seed, "--seed")
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
     torch.set_num_threads(args.threads)
@@ -157,17 +180,12 @@ def run(args: argparse.Namespace) -> int:
     sampling = default_sampling(args.model, args.weights)
     labels = list(DEMO_LABELS)
     rows = run_demo(pipe, labels, args.seed, sampling, model=args.model, weights=args.weights)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     from ..data import CLASSES
 
     titles = [CLASSES[i] if args.model == DEMO else str(i) for i in labels]
-    grid = out / "demo_grid.png"
-    tmp = grid.with_name(grid.name + ".tmp.png")
-    grid_image(rows, titles).save(tmp)
-    os.replace(tmp, grid)
+    grid = io.BytesIO()
+    grid_image(rows, titles).save(grid, format="PNG")
     text = table(rows)
-    (out / "demo_table.md").write_text(text + "\n")
     results = [
         {
             "cache": r.label,
@@ -181,14 +199,13 @@ def run(args: argparse.Namespace) -> int:
         for r in rows
     ]
     meta = {"model": args.model, "labels": labels, "seed": args.seed, "sampling": sampling, "rows": results}
-    (out / "demo_results.json").write_text(json.dumps(meta, indent=1) + "\n")
+    contents = {"demo_grid.png": grid.getvalue(), "demo_table.md": (text + "\n").encode()}
+    contents[RESULTS] = (json.dumps(meta, indent=1) + "\n").encode()
+    grid_path, table_path, results_path = replace_output(out, contents, RESULTS, _demo_files)
     print(
         f"scalekv demo: model {args.model}, labels {labels}, seed {args.seed}, sampling {sampling}, "
         f"CPU threads: {torch.get_num_threads()}"
     )
     print(text)
-    print(
-        f"wrote {grid}, {out / 'demo_table.md'}, {out / 'demo_results.json'} "
-        f"({time.perf_counter() - start:.1f} s in all)"
-    )
+    print(f"wrote {grid_path}, {table_path}, {results_path} ({time.perf_counter() - start:.1f} s in all)")
     return 0

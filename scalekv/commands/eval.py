@@ -49,7 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", type=_csv(float, "fractions"), help="KV budget fractions (default 0.04,0.1,0.2)")
     p.add_argument("--n", type=int, help="images per policy and budget (default 500)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="images per batch (default 8)")
-    p.add_argument("--seed", type=int, help="batch j is seeded with seed + j * batch_size (default 0)")
+    p.add_argument(
+        "--seed", type=int, help="batch j is seeded with seed + j * batch_size, all in [0, 2**63) (default 0)"
+    )
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, VAR 1.5)")
     p.add_argument("--top-k", type=int, dest="top_k", help="default: the model's, VAR 900")
     p.add_argument("--top-p", type=float, dest="top_p", help="default: the model's, VAR 0.96")
@@ -64,13 +66,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--policy-options",
         type=_json_mapping,
         dest="policy_options",
-        help='JSON: extra arguments per policy, e.g. \'{"scalekv": {"drafters": [0]}}\' ("{budget}" in a string '
-        "becomes the budget)",
+        help='JSON: extra arguments per policy, e.g. \'{"scalekv": {"grid": 2}}\' ("{budget}" in a string '
+        "becomes the budget); ScaleKV keeps the plan the model ships for each budget unless plan (or drafters) is "
+        "given",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's; 1 on a busy CPU)")
     p.add_argument("--grid-images", type=int, dest="grid_images", help="images per grid (default 8)")
     p.add_argument("--no-progress", action="store_false", dest="progress", default=None, help="hide progress bars")
-    p.add_argument("--out", help="run folder (created; rerun to resume)")
+    p.add_argument(
+        "--out",
+        help="run folder: new (created), empty, or a folder an earlier evaluation wrote, which it resumes if the "
+        "settings match; a folder with other files is refused",
+    )
     p.set_defaults(run=run)
 
 
@@ -103,12 +110,32 @@ def config_from_args(args: argparse.Namespace):
     return EvalConfig.from_sources(args.config, **{k: getattr(args, k) for k in SETTINGS})
 
 
+def check_out(path, flag: str = "--out"):
+    """The run folder: new, empty, or one an evaluation wrote (which it resumes; whether its settings match is
+    checked by the run itself)."""
+    from ..outputs import check_output_folder
+
+    return check_output_folder(
+        path,
+        flag=flag,
+        owned=lambda folder: (folder / "config.json").is_file(),
+        expected="a new or empty folder, or an evaluation run folder to resume",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..checks import check_device
     from ..evaluation import run_eval
     from ..evaluation.metrics import MissingExtra
 
+    if args.out is not None:  # before the settings are read (they may name a model to check)
+        check_out(args.out)
     try:
-        run_eval(config_from_args(args))
+        config = config_from_args(args)
+        check_out(config.out, "--out" if args.out is not None else "out")
+        if config.device != "auto":
+            check_device(config.device, "--device" if args.device is not None else "device")
+        run_eval(config)
     except MissingExtra as e:
         raise ValueError(str(e)) from e
     return 0

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t5", help="Infinity: local flan-t5-xl folder (never downloaded)")
     p.add_argument("--size", default="1024x1024", help="Infinity: WIDTHxHEIGHT, mapped to the nearest template")
     p.add_argument("--tau", type=float, default=None, help="Infinity: logit temperature (default 0.5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, an integer in [0, 2**63) (default 0)")
     p.add_argument(
         "--cfg", type=float, default=None, help="guidance scale (default: VAR 1.5, Infinity 3, demo its own)"
     )
@@ -31,8 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="full", help="cache policy name (see `scalekv plan` / README)")
     p.add_argument("--budget", type=float, default=None, help="KV budget fraction in (0, 1]")
     p.add_argument("--plan", help="ScaleKV plan JSON (for --policy scalekv)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, ...")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: new (created), empty, or the output of an earlier `scalekv generate`, which is replaced "
+        "as a whole (its PNGs and stats.json are removed first, so runs never mix); a folder with other files is "
+        "refused",
+    )
     p.set_defaults(run=run)
 
 
@@ -61,25 +67,47 @@ def cache_from_args(args: argparse.Namespace, schedule=None):
     return make_cache(args.policy, **kwargs)
 
 
-def save_images(images: torch.Tensor, out: Path, prefix: str = "") -> list[Path]:
-    """Write (B, 3, H, W) images in [0, 1] as PNGs; returns the paths."""
-    paths = []
+STATS = "stats.json"  # written last: the file that marks an output folder of `scalekv generate` complete
+
+
+def _stats_files(stats: dict) -> list[str]:
+    return list(stats["images"])
+
+
+def check_out(path) -> Path:
+    """``--out`` as :func:`scalekv.outputs.check_output_folder` takes it: new, empty or an earlier generate output."""
+    from ..outputs import check_output_folder, owned_by
+
+    return check_output_folder(
+        path,
+        owned=owned_by(STATS, _stats_files),
+        expected="a new or empty folder, or one holding only an earlier `scalekv generate` output",
+    )
+
+
+def png_images(images: torch.Tensor, prefix: str = "") -> dict[str, bytes]:
+    """(B, 3, H, W) images in [0, 1] as PNG files: name (``0000.png``, ...) -> bytes."""
+    import io
+
+    files = {}
     arr = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     for i, a in enumerate(arr):
-        path = out / f"{prefix}{i:04d}.png"
-        Image.fromarray(np.ascontiguousarray(a)).save(path)
-        paths.append(path)
-    return paths
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
+        files[f"{prefix}{i:04d}.png"] = buf.getvalue()
+    return files
 
 
 def write_outputs(out: Path, gen, cache, stats: dict, what: str) -> int:
-    """Write the PNGs and ``stats.json`` (``stats`` describes the inputs; the generation's own stats are added)."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = save_images(gen.images, out)
-    stats = {**stats, "images": [p.name for p in paths], **gen.stats()}
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    """Write the PNGs and ``stats.json`` (``stats`` describes the inputs; the generation's own stats are added) into
+    ``out``, in place of an earlier generate output there (:func:`scalekv.outputs.replace_output`)."""
+    from ..outputs import replace_output
+
+    files = png_images(gen.images)
+    stats = {**stats, "images": list(files), **gen.stats()}
+    replace_output(out, {**files, STATS: json.dumps(stats, indent=1).encode()}, STATS, _stats_files)
     print(
-        f"wrote {len(paths)} {what} and stats.json to {out} ({gen.seconds:.2f} s; KV peak "
+        f"wrote {len(files)} {what} and stats.json to {out} ({gen.seconds:.2f} s; KV peak "
         f"{gen.kv_bytes_peak / 2**20:.2f} MiB = {gen.kv_peak_ratio:.3f} of the reference full cache's "
         f"{gen.kv_bytes_reference / 2**20:.2f} MiB, history {gen.kv_history_ratio:.3f})"
     )
@@ -87,9 +115,13 @@ def write_outputs(out: Path, gen, cache, stats: dict, what: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checks import check_device, check_seed
     from ..hub import default_sampling, load_pipeline
     from ..infinity_pipeline import infinity_names
 
+    check_out(args.out)  # before anything is loaded
+    check_seed(args.seed, "--seed")
+    check_device(args.device, "--device")
     if args.model in infinity_names():
         return run_infinity(args)
     for flag in ("prompt", "vae", "t5", "tau"):

@@ -8,7 +8,33 @@ from pathlib import Path
 from typing import Any
 
 from ..cache.base import make_scales
-from ..cache.plan import PAPER_REFINER_END, PAPER_REFINER_START, Plan, load_plan, rule_plan
+from ..cache.plan import PAPER_REFINER_END, PAPER_REFINER_START, PLAN_FORMAT, Plan, load_plan, rule_plan
+
+REPLACES = "an existing file there is replaced only if it is a plan in our format; any other file is refused"
+
+
+def is_plan_file(path: Path) -> bool:
+    """Whether ``path`` holds a plan in our JSON format (the only file a plan output may replace)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == PLAN_FORMAT
+
+
+def check_plan_out(path, *, parent_must_exist: bool = False) -> Path:
+    """``--out`` of a plan: a new ``.json`` file name, or a plan file of ours to replace."""
+    from ..outputs import check_output_file
+
+    out = check_output_file(
+        path,
+        owned=is_plan_file,
+        expected="a new .json file name, or a plan file (our format) to replace",
+        parent_must_exist=parent_must_exist,
+    )
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(path)!r}: expected a .json file name")
+    return out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     make.add_argument("--drafters", required=True, help="comma-separated drafter layers, e.g. 0,23 (may be empty)")
     make.add_argument("--refiner-start", type=float, default=PAPER_REFINER_START, help="first refiner capacity / B")
     make.add_argument("--refiner-end", type=float, default=PAPER_REFINER_END, help="last refiner capacity / B")
-    make.add_argument("--out", required=True, help="plan JSON to write")
+    make.add_argument("--out", required=True, help=f"plan JSON to write ({REPLACES})")
     make.set_defaults(run=run_make)
 
 
@@ -146,6 +172,7 @@ def parse_layers(text: str) -> list[int]:
 
 
 def run_make(args: argparse.Namespace) -> int:
+    out = check_plan_out(args.out)
     if (args.model is None) == (args.schedule is None):
         raise ValueError("give exactly one of --model and --schedule (with --layers)")
     if args.model is not None:
@@ -168,7 +195,7 @@ def run_make(args: argparse.Namespace) -> int:
         refiner_end=args.refiner_end,
         model=model,
     )
-    path = plan.save(Path(args.out))
+    path = plan.save(out)
     print(
         f"wrote {path}: B = {plan.average_capacity:g} tokens per layer, compressed after scales "
         f"{plan.compressed_scales}"

@@ -45,7 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = stages.add_parser("export", help="write the trained weights + config as a loadable model folder")
     e.add_argument("--tokenizer", required=True, help="the tokenizer's run folder")
     e.add_argument("--var", required=True, help="the VAR's run folder")
-    e.add_argument("--out", required=True, help="output folder, e.g. scalekv/weights/demo")
+    e.add_argument(
+        "--out",
+        required=True,
+        help="output folder, e.g. scalekv/weights/demo: new, empty, or an earlier export (its files are replaced)",
+    )
     e.add_argument("--cfg", type=float, default=1.5, help="default guidance scale stored with the model")
     e.add_argument("--top-k", type=int, default=900, help="default top-k stored with the model (0: off)")
     e.add_argument("--top-p", type=float, default=0.96, help="default top-p stored with the model (0: off)")
@@ -59,8 +63,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--batch-size", type=int, default=100)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--data-root", help="folder with the Fashion-MNIST idx .gz files")
-    m.add_argument("--grid", help="also write a sample grid PNG here (10 per class, rows = classes)")
+    m.add_argument(
+        "--grid", help="also write a sample grid PNG here (10 per class, rows = classes; an existing PNG is replaced)"
+    )
     m.set_defaults(run=run_evaluate)
+
+
+EXPORT_FILES = ("config.json", "var.safetensors", "vae.safetensors", "plans")  # plans/: calibrated later
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """The run folder (new, empty, or a training run, which resumes) and --seed, before anything is loaded."""
+    from ..checks import check_seed
+    from ..outputs import check_output_folder
+
+    check_output_folder(
+        args.run_dir,
+        flag="--run",
+        owned=lambda folder: (folder / "config.json").is_file(),
+        expected="a new or empty folder, or a training run folder to resume",
+    )
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
+
+
+def _is_export(folder) -> bool:
+    return (folder / "config.json").is_file() and {e.name for e in folder.iterdir()} <= set(EXPORT_FILES)
 
 
 def _optim(args: argparse.Namespace, presets: dict):
@@ -97,6 +125,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     from ..training.presets import TOKENIZER_OPTIM, TOKENIZER_PRESETS
     from ..training.tokenizer import train_tokenizer
 
+    _check_run(args)
     opt_cfg = _optim(args, TOKENIZER_OPTIM)
     cfg = TOKENIZER_PRESETS[args.preset]
     images, _ = _train_images(args, cfg.image_size)
@@ -112,6 +141,7 @@ def run_var(args: argparse.Namespace) -> int:
     from ..training.presets import VAR_OPTIM, VAR_TRAIN_PRESETS
     from ..training.transformer import load_tokenizer_run, train_var
 
+    _check_run(args)
     opt_cfg = _optim(args, VAR_OPTIM)
     cfg = VAR_TRAIN_PRESETS[args.preset]
     vae = load_tokenizer_run(args.tokenizer)
@@ -132,8 +162,14 @@ def run_var(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..outputs import check_output_folder
     from ..training.transformer import export_demo
 
+    check_output_folder(
+        args.out,
+        owned=_is_export,
+        expected=f"a new or empty folder, or an earlier export ({', '.join(EXPORT_FILES)}), whose files are replaced",
+    )
     sampling = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
     paths = export_demo(args.tokenizer, args.var, args.out, sampling)
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -141,8 +177,17 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from ..checks import check_seed
+    from ..outputs import check_output_file
     from ..training.evaluate import evaluate_demo
 
+    if args.grid is not None:
+        check_output_file(args.grid, flag="--grid", owned=lambda p: p.suffix == ".png", expected="a PNG file name")
+    if args.ref_cache is not None:  # read when present, else written
+        check_output_file(
+            args.ref_cache, flag="--ref-cache", owned=lambda p: p.suffix == ".npy", expected="a .npy file"
+        )
+    check_seed(args.seed, "--seed")
     report = evaluate_demo(
         args.tokenizer,
         args.weights,

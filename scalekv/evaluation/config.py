@@ -72,8 +72,9 @@ class EvalConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
         if self.fid and self.n < 2:
             raise ValueError(f"n={self.n} with fid on: FID needs at least 2 images, expected n >= 2 or fid false")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r}: expected an integer >= 0")
+        from ..checks import check_seed
+
+        check_seed(self.seed, "seed", count=self.n)  # image i's batch is seeded with at most seed + i
         if self.policies is not None:
             if (
                 not isinstance(self.policies, list)

@@ -171,13 +171,14 @@ def make_setup_cache(setup: Setup, config: EvalConfig):
     """A new cache for ``setup``: the policy at its budget with ``config.policy_options[policy]``, where the text
     ``{budget}`` inside a string option becomes the budget (e.g. ``plan: plans/demo_{budget}.json``)."""
     from ..cache import make_cache
-    from ..hub import policy_defaults
+    from ..hub import with_policy_defaults
 
-    given = config.policy_options.get(setup.policy)
-    if given is None and setup.budget is not None:  # e.g. ScaleKV's plan shipped with the model for this budget
-        given = policy_defaults(config.model, setup.policy, setup.budget, config.weights)
+    # e.g. ScaleKV's plan shipped with the model for this budget, unless policy_options give a plan
+    given = with_policy_defaults(
+        config.policy_options.get(setup.policy), config.model, setup.policy, setup.budget, config.weights
+    )
     kwargs = {}
-    for key, value in (given or {}).items():
+    for key, value in given.items():
         if isinstance(value, str) and setup.budget is not None:
             value = value.replace("{budget}", f"{setup.budget:g}")
         kwargs[key] = value

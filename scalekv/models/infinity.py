@@ -15,7 +15,6 @@ Our modules keep the layers in a flat ``blocks`` list; the official files nest t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -529,7 +528,7 @@ def map_infinity_keys(state: Mapping[str, torch.Tensor], cfg: InfinityConfig) ->
 def read_infinity_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read official Infinity weights: one ``.pth``/``.safetensors`` file (2B), or a folder of safetensors shards
     (8B), listed by ``*.safetensors.index.json`` if present, else every ``*.safetensors`` in it."""
-    from ..checkpoint import read_state_file
+    from ..checkpoint import read_json, read_state_file
 
     path = Path(path)
     if path.is_file():
@@ -540,7 +539,7 @@ def read_infinity_state(path: str | Path) -> dict[str, torch.Tensor]:
     if len(indexes) > 1:
         raise CheckpointError(f"Infinity weights folder {str(path)!r} holds several shard indexes: {indexes}")
     if indexes:
-        weight_map = json.loads(indexes[0].read_text()).get("weight_map")
+        weight_map = read_json(indexes[0], "shard index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{str(indexes[0])!r} has no weight_map")
         shards = sorted(set(weight_map.values()))

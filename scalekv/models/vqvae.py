@@ -330,5 +330,23 @@ def load_vqvae(path: str, cfg: VQVAEConfig) -> VQVAE:
 
     model = VQVAE(cfg)
     ignore = () if cfg.with_encoder else ("encoder.", "quant_conv.")
-    load_strict(model, read_state_file(path), what=f"VQVAE {cfg}", ignore_prefixes=ignore)
+    state = read_state_file(path)
+    adopt_training_statistic(model, state)
+    load_strict(model, state, what=f"VQVAE {cfg}", ignore_prefixes=ignore)
     return model.eval()
+
+
+HIT_STATISTIC = "quantize.ema_vocab_hit_SV"
+
+
+def adopt_training_statistic(model: VQVAE, state: dict[str, torch.Tensor]) -> None:
+    """Let ``model`` take the checkpoint's codebook-hit statistic whatever schedule it runs.
+
+    The official file holds one row per scale of its 10-scale training schedule; a VQVAE built for another schedule
+    has another number of rows. As the reference does, the buffer is replaced by the checkpoint's (inference never
+    reads it); its vocabulary side must still match, and every other key stays strict."""
+    value = state.get(HIT_STATISTIC)
+    buffer = model.quantize.ema_vocab_hit_SV
+    if value is None or value.dim() != 2 or value.shape[1] != buffer.shape[1] or value.shape == buffer.shape:
+        return  # absent, or a shape load_strict reports (wrong vocabulary), or already fitting
+    model.quantize.ema_vocab_hit_SV = torch.zeros(value.shape, dtype=buffer.dtype, device=buffer.device)

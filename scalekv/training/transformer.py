@@ -38,11 +38,13 @@ def _load_run_model(run_dir: str | Path, stage: str, cls_cfg, cls_model):
     cfg_path, ckpt = folder / "config.json", folder / "last.pt"
     if not cfg_path.is_file() or not ckpt.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a trained {stage} run (expected config.json and last.pt)")
-    meta = json.loads(cfg_path.read_text())
+    from ..checkpoint import load_pickle, read_json
+
+    meta = read_json(cfg_path, f"{stage} run config")
     if meta.get("stage") != stage:
         raise ValueError(f"{str(folder)!r} is a {meta.get('stage')!r} run, expected a {stage!r} run")
     model = cls_model(config_from_json(cls_cfg, meta["model"]))
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = load_pickle(ckpt)
     model.load_state_dict(state["model"])
     return model.eval(), int(state["step"]), float(state["seconds"])
 
