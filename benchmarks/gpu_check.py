@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     print(
         f"# Infinity {cfg.depth} layers x {cfg.embed_dim}, {schedule.total_tokens} tokens, batch {args.batch} + CFG, "
-        f"{device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, torch {torch.__version__}"
+        f"{device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+        f"torch {torch.__version__}"
     )
     print(
         "| cache | s / image | kv_bytes_peak | kv_peak_ratio | max_memory_allocated above start | measured / computed |"
