@@ -158,7 +158,21 @@ def test_demo_replaces_its_own_earlier_output(monkeypatch, tmp_path):
     from scalekv.commands import demo
 
     images = torch.rand(len(demo.DEMO_LABELS), 3, 8, 8)
-    rows = [demo.DemoRow("full", None, {}, images, 100, 200, 1.0), demo.DemoRow("snapkv", 0.1, {}, images, 10, 20, 0.5)]
+
+    def stats(history, peak, seconds):
+        return {
+            "kv_bytes_history": history,
+            "kv_bytes_peak": peak,
+            "kv_bytes_reference": 400,
+            "seconds": seconds,
+            "kv_history_ratio": history / 400,
+            "kv_peak_ratio": peak / 400,
+        }
+
+    rows = [
+        demo.DemoRow("full", None, {}, images, stats(100, 200, 1.0)),
+        demo.DemoRow("snapkv", 0.1, {}, images, stats(10, 20, 0.5)),
+    ]
     monkeypatch.setattr("scalekv.hub.load_pipeline", lambda name, weights=None: None)
     monkeypatch.setattr("scalekv.hub.default_sampling", lambda model, weights=None: dict(SAMPLING))
     monkeypatch.setattr(demo, "run_demo", lambda pipe, labels, seed, sampling, **kw: rows)
@@ -398,7 +412,8 @@ def test_calibrate_budget_one_gives_the_keep_everything_plan_without_a_pass(tiny
     assert not (tmp_path / "plan_asi.png").exists()
     assert module.calibrate(tiny_model, 1.0, samples=2).capacities == plan.capacities
     gen = tiny_model.generate([1], cache=make_cache("scalekv", plan=out), **SAMPLING)
-    assert gen.scales[-1].cache_lengths == [tiny_model.model.cfg.seq_len] * 4
+    prefix = tiny_model.model.cfg.scales[-1].start
+    assert gen.scales[-2].cache_lengths == [prefix] * 4  # the whole prefix reaches the last scale
 
 
 @pytest.mark.parametrize(

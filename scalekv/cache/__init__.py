@@ -9,6 +9,7 @@ from .random import RandomKeep
 from .registry import POLICIES, make_cache, register
 from .scalekv import ScaleKV
 from .sliding_window import SlidingWindow
+from .store import KVStore
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 
@@ -16,6 +17,7 @@ __all__ = [
     "CacheLayout",
     "KVCache",
     "LayerKV",
+    "KVStore",
     "Scale",
     "check_budget",
     "make_scales",

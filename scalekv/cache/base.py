@@ -135,12 +135,8 @@ class KVCache:
                 f"budget={budget!r}: the {self.name!r} cache keeps every token, expected 1.0 "
                 "(pick a compressing policy)"
             )
-        if store is not None and not callable(store):
-            raise ValueError(f"store={store!r}: expected a store class such as scalekv.cache.KVStore")
-        if timing is not None and not isinstance(timing, bool):
-            raise ValueError(f"timing={timing!r}: expected True, False or None")
-        self.store_class = store if store is not None else KVStore
-        self.timing = timing
+        self.store_class, self.timing = KVStore, None
+        self.configure(store=store, timing=timing)
         self.layout: CacheLayout | None = None
         self.store = None
         self.layers: list = []
@@ -149,6 +145,16 @@ class KVCache:
         self.compress_seconds = 0.0
         self.scale_lengths: list[list[int]] = []
         self.scale_nbytes: list[list[int]] = []
+
+    def configure(self, *, store: Callable | None = None, timing: bool | None = None) -> KVCache:
+        """Set the storage class and the timing mode (every policy has them; ``make_cache`` passes them here)."""
+        if store is not None and not callable(store):
+            raise ValueError(f"store={store!r}: expected a store class such as scalekv.cache.KVStore")
+        if timing is not None and not isinstance(timing, bool):
+            raise ValueError(f"timing={timing!r}: expected True, False or None")
+        self.store_class = store if store is not None else self.store_class
+        self.timing = timing
+        return self
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def reset(self, layout: CacheLayout) -> None:

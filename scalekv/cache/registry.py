@@ -17,13 +17,21 @@ def register(cls: type[KVCache]) -> type[KVCache]:
     return cls
 
 
+STORAGE_OPTIONS = ("store", "timing")  # taken by every cache (KVCache.configure), whatever its policy
+
+
 def make_cache(name: str, **kwargs) -> KVCache:
-    """Build the policy registered as ``name`` (e.g. ``make_cache("scalekv", budget=0.1, plan="plan.json")``)."""
+    """Build the policy registered as ``name`` (e.g. ``make_cache("scalekv", budget=0.1, plan="plan.json")``).
+    ``store`` and ``timing`` go to :meth:`KVCache.configure`; the rest to the policy."""
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}: expected one of {sorted(POLICIES)}")
     cls = POLICIES[name]
+    storage = {k: kwargs.pop(k) for k in STORAGE_OPTIONS if k in kwargs}
     params = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
-        raise ValueError(f"cache policy {name!r} takes no argument(s) {unknown}: expected some of {sorted(params)}")
-    return cls(**kwargs)
+        raise ValueError(
+            f"cache policy {name!r} takes no argument(s) {unknown}: expected some of "
+            f"{sorted(set(params) | set(STORAGE_OPTIONS))}"
+        )
+    return cls(**kwargs).configure(**storage)
