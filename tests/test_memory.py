@@ -9,50 +9,11 @@ import pytest
 import torch
 
 from scalekv.cache import POLICIES, KVCache, KVStore, make_cache
-from scalekv.cache.store import arena_tokens
+from scalekv.cache.store import ConcatStore, arena_tokens
 
 from .helpers import tiny_pipeline
 from .test_infinity_policies import SCHEDULE, policy_kwargs, random_text
 from .test_infinity_policies import tiny_pipeline as tiny_infinity
-
-
-class ConcatLayer:
-    """The textbook store the preallocated one must match: ``torch.cat`` on append, ``gather`` on keep."""
-
-    def __init__(self) -> None:
-        self.k = self.v = None
-        self.length = 0
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
-
-    def open(self, k, v, last):
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        self.length = self.k.shape[2]
-        return self.k, self.v
-
-    def keep(self, index):
-        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
-        self.k, self.v = self.k.gather(2, gather), self.v.gather(2, gather)
-        self.length = index.shape[-1]
-
-    def commit(self):
-        pass
-
-    def drop(self):
-        self.k = self.v = None
-        self.length = 0
-
-
-class ConcatStore:
-    def __init__(self, layout, held) -> None:
-        self.layers = [ConcatLayer() for _ in range(layout.num_layers)]
-        self.peak_bytes = 0
-
-    def release(self) -> None:
-        self.layers = []
 
 
 def kwargs_for(name: str, depth: int, budget: float) -> dict:

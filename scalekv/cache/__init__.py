@@ -9,8 +9,8 @@ from .random import RandomKeep
 from .registry import POLICIES, make_cache, register
 from .scalekv import ScaleKV
 from .sliding_window import SlidingWindow
-from .store import KVStore
 from .snapkv import SnapKV
+from .store import KVStore
 from .streaming_llm import StreamingLLM
 
 __all__ = [

@@ -209,3 +209,46 @@ class KVStore:
     def release(self) -> None:
         """Free the tensors (the byte counts stay)."""
         self.k = self.v = None
+
+
+class ConcatLayer:
+    """One layer of :class:`ConcatStore`."""
+
+    def __init__(self) -> None:
+        self.k = self.v = None
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+    def open(self, k, v, last):
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        self.length = self.k.shape[2]
+        return self.k, self.v
+
+    def keep(self, index):
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.k.shape[-1])
+        self.k, self.v = self.k.gather(2, gather), self.v.gather(2, gather)
+        self.length = index.shape[-1]
+
+    def commit(self):
+        pass
+
+    def drop(self):
+        self.k = self.v = None
+        self.length = 0
+
+
+class ConcatStore:
+    """The textbook store: ``torch.cat`` on every append and ``gather`` on every keep, a new tensor each time. It
+    gives the same images as :class:`KVStore` bit for bit (tested), so it is the reference for other stores and
+    the baseline the benchmarks time the preallocated store against. It reports no peak (``peak_bytes`` 0)."""
+
+    def __init__(self, layout, held) -> None:
+        self.layers = [ConcatLayer() for _ in range(layout.num_layers)]
+        self.peak_bytes = 0
+
+    def release(self) -> None:
+        self.layers = []
