@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from scalekv.cache import POLICIES, make_cache
+from scalekv.cache.plan import PLANS_DIR
 from scalekv.infinity_pipeline import random_infinity_pipeline
 from scalekv.models.bsq_vae import BSQVAEConfig
 from scalekv.models.infinity import InfinityConfig, TextBatch
 from scalekv.models.schedules import get_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASED_2B = ROOT.parent / "shared" / "reference" / "budgets" / "infinity_2b_10pct.json"
+RELEASED_2B = PLANS_DIR / "infinity_2b_10pct.json"  # the released file, shipped in the package
 WIDTH_2B, BF16 = 2048, 2
 
 

@@ -16,7 +16,7 @@ def default_plan(model: str, budget: float | None, weights: str | Path | None = 
     """The ScaleKV plan shipped for ``model`` at ``budget`` (None: 10%), or None where there is none.
 
     * ``demo``: the calibrated plans in the model's folder (``plans/scalekv_{4,10,20}pct.json``; the shipped copy, or
-      those next to ``weights``), made by ``scalekv calibrate`` (README, "Calibration");
+      those next to ``weights``), made by ``scalekv calibrate`` (docs/calibration.md);
     * ``infinity-2b`` / ``infinity-8b``: the released 10% budget files, on the 1024x1024 schedule only.
     """
     from .cache.plan import PLANS_DIR
