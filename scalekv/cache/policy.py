@@ -87,12 +87,13 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> to
     """``sum_i softmax(softmax_scale * q_i k^T)`` over the queries: ``(rows, heads, L)`` float32.
 
     ``q``: ``(rows, heads, n, D)`` observation queries; ``k``: ``(rows, heads, L, D)`` cached keys. The queries are
-    processed in chunks of at most ``D / 2`` queries (and :data:`CHUNK_ELEMENTS` probabilities), so that the scores
-    never take more memory than the keys they score: a policy's working set stays below one layer's KV.
+    processed in chunks of at most ``D / 4`` queries (and :data:`CHUNK_ELEMENTS` probabilities), so that the scores
+    and their softmax together never take more memory than the keys they score: a policy's working set stays below
+    one layer's KV.
     """
     rows, heads, n, dim = q.shape
     length = k.shape[2]
-    step = max(1, min(CHUNK_ELEMENTS // max(1, rows * heads * length), dim // 2))
+    step = max(1, min(CHUNK_ELEMENTS // max(1, rows * heads * length), dim // 4))
     kt = k.transpose(-1, -2)
     total = q.new_zeros(rows, heads, length, dtype=torch.float32)
     for i in range(0, n, step):
