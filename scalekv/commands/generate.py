@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_infinity(args: argparse.Namespace) -> int:
     """Text-to-image with an Infinity model: PNGs (RGB) + stats.json."""
-    from ..hub import load_pipeline
+    from ..hub import default_sampling, load_pipeline
     from ..models.schedules import parse_size, schedule_for_size
 
     if not args.prompt:
@@ -163,10 +163,11 @@ def run_infinity(args: argparse.Namespace) -> int:
     if args.t5 is None:
         raise ValueError("--t5 FOLDER (a local flan-t5-xl) is required to encode --prompt")
     schedule = schedule_for_size(*parse_size(args.size))
-    cfg = 3.0 if args.cfg is None else args.cfg
-    tau = 0.5 if args.tau is None else args.tau
-    top_k = 900 if args.top_k is None else args.top_k
-    top_p = 0.97 if args.top_p is None else args.top_p
+    sampling = default_sampling(args.model)  # the official Infinity settings
+    cfg = sampling["cfg"] if args.cfg is None else args.cfg
+    tau = sampling["tau"] if args.tau is None else args.tau
+    top_k = sampling["top_k"] if args.top_k is None else args.top_k
+    top_p = sampling["top_p"] if args.top_p is None else args.top_p
     cache = cache_from_args(args, schedule)
     pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
     gen = pipe.generate(

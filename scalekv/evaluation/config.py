@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,11 @@ DEFAULT_BUDGETS = (0.04, 0.1, 0.2)
 
 # Fields a rerun may change and still resume: presentation, and which metrics to compute (each metric's scores are
 # stored on their own, so turning one on later computes only it; the images never depend on these).
-RESUMABLE_FIELDS = frozenset({"out", "progress", "grid_images", "fid", "lpips"})
+# The prompts file's path is one too: what identifies a text-to-image run is its prompts (see EvalConfig.identity).
+RESUMABLE_FIELDS = frozenset({"out", "progress", "grid_images", "fid", "lpips", "prompts"})
+
+# settings of the text-to-image models only (Infinity): refused for a class-conditional model
+PROMPT_FIELDS = ("prompts", "size", "tau", "vae", "t5")
 
 
 @dataclass
@@ -47,6 +53,12 @@ class EvalConfig:
     threads: int | None = None  # torch CPU threads per process (None: torch's default); 1 is best on a busy CPU
     grid_images: int = 8  # images per grid (same indices across policies)
     progress: bool = True
+    # text-to-image models (Infinity) only; see scalekv.hub.input_kind
+    prompts: str | None = None  # one prompt a line, blank lines ignored: image i is generated from prompt i (< n)
+    size: str | None = None  # WIDTHxHEIGHT, mapped to the nearest schedule (default: the official 1024x1024)
+    tau: float | None = None  # logit temperature (default: the official 0.5)
+    vae: str | None = None  # the BSQ-VAE file
+    t5: str | None = None  # a local flan-t5-xl folder (the text encoder; never downloaded)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -109,16 +121,63 @@ class EvalConfig:
             isinstance(v, dict) for v in self.policy_options.values()
         ):
             raise ValueError(f"policy_options={self.policy_options!r}: expected a mapping policy -> keyword mapping")
+        from ..hub import INFINITY_SIZE, PROMPTS, default_sampling, input_kind
         from ..pipeline import check_sampling
 
-        if None in (self.cfg, self.top_k, self.top_p):
-            from ..hub import default_sampling
-
+        sampling_keys = ["cfg", "top_k", "top_p"]
+        if input_kind(self.model) == PROMPTS:
+            if self.size is None:
+                self.size = INFINITY_SIZE
+            self.schedule()  # a bad size fails here
+            for name in ("prompts", "vae", "t5"):
+                value = getattr(self, name)
+                if value is not None and (not isinstance(value, str) or not value):
+                    raise ValueError(f"{name}={value!r}: expected a path")
+            if self.prompts is None:
+                raise ValueError(
+                    f"model {self.model!r} generates from text: expected a prompts file (--prompts FILE, one prompt "
+                    "a line)"
+                )
+            self.prompt_list()  # a missing or short file fails here, before any model loads
+            sampling_keys.append("tau")
+        else:
+            given = [name for name in PROMPT_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} given for {self.model!r}: expected them only for the text-to-image models "
+                    f"(infinity, infinity-2b, infinity-8b); {self.model!r} generates from class labels"
+                )
+        if any(getattr(self, key) is None for key in sampling_keys):
             model_default = default_sampling(self.model, self.weights)
-            for key in ("cfg", "top_k", "top_p"):
+            for key in sampling_keys:
                 if getattr(self, key) is None:
                     setattr(self, key, model_default[key])
         check_sampling(self.cfg, self.top_k, self.top_p)
+        if self.tau is not None and (
+            isinstance(self.tau, bool)
+            or not isinstance(self.tau, (int, float))
+            or not math.isfinite(self.tau)
+            or self.tau <= 0
+        ):
+            raise ValueError(f"tau={self.tau!r}: expected a positive temperature such as 0.5")
+
+    # -- text-to-image -----------------------------------------------------------------------------------------
+    def prompt_list(self) -> list[str] | None:
+        """The ``n`` prompts of the run (the first ``n`` non-blank lines of the prompts file, stripped), or None for
+        a class-conditional model."""
+        if self.prompts is None:
+            return None
+        return read_prompts(self.prompts, self.n)
+
+    def schedule(self):
+        """The :class:`~scalekv.models.schedules.ScaleSchedule` of ``size`` (None without a size)."""
+        if self.size is None:
+            return None
+        from ..models.schedules import parse_size, schedule_for_size
+
+        if not isinstance(self.size, str):
+            raise ValueError(f"size={self.size!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024")
+        return schedule_for_size(*parse_size(self.size))
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -143,8 +202,32 @@ class EvalConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that decide the run's images and measurements (compared when resuming into a folder).
 
-        The thread count is one of them: CPU kernels may round differently with another count."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+        The thread count is one of them: CPU kernels may round differently with another count. A text-to-image run
+        is identified by a hash of its prompts (``prompts_sha1``), not by where the file lies."""
+        identity = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+        prompts = self.prompt_list()
+        if prompts is not None:
+            identity["prompts_sha1"] = hashlib.sha1(json.dumps(prompts).encode()).hexdigest()
+        return identity
+
+
+def read_prompts(path: str | Path, n: int) -> list[str]:
+    """The first ``n`` prompts of a prompts file (one prompt a line; blank lines ignored; each stripped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file {str(p)!r} does not exist: expected a text file with one prompt a line")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {str(p)!r} is not UTF-8 text ({e}): expected one prompt a line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {str(p)!r} holds no prompts: expected one prompt a line")
+    if n > len(prompts):
+        raise ValueError(
+            f"n={n} but prompts file {str(p)!r} holds {len(prompts)} prompts: expected n <= {len(prompts)}"
+        )
+    return prompts[:n]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

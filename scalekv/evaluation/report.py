@@ -48,19 +48,22 @@ def _bytes(value: float | None) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a GitHub markdown table (KV bytes per image; fidelity against the full cache)."""
+    """The rows as a GitHub markdown table: the columns of the ScaleKV paper's Table 1 (FID, LPIPS, PSNR against
+    the full cache), SSIM, KV bytes per image (history, peak, their fractions of the reference full cache, and that
+    reference) and time."""
     lpips_kind = next((r["lpips_kind"] for r in rows if r.get("lpips_kind")), None)
     head = [
         "policy",
         "budget",
+        "FID ↓",
+        f"LPIPS ({lpips_kind}) ↓" if lpips_kind else "LPIPS ↓",
         "PSNR (dB) ↑",
         "SSIM ↑",
-        f"LPIPS ({lpips_kind}) ↓" if lpips_kind else "LPIPS ↓",
-        "FID ↓",
         "KV history / image",
         "of ref.",
         "KV peak / image",
         "of ref.",
+        "ref. KV / image",
         "s / image",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -69,14 +72,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         cells = [
             r["policy"],
             budget,
+            _fmt(r["fid"], 2),
+            _fmt(r["lpips"], 4),
             _fmt(r["psnr"], 2),
             _fmt(r["ssim"], 4),
-            _fmt(r["lpips"], 4),
-            _fmt(r["fid"], 2),
             _bytes(r["kv_bytes_history"]),
             f"{100 * r['kv_history_ratio']:.1f}%",
             _bytes(r["kv_bytes_peak"]),
             f"{100 * r['kv_peak_ratio']:.1f}%",
+            _bytes(r["kv_bytes_reference"]),
             f"{r['seconds_per_image']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -198,7 +202,8 @@ def write_reports(folder: RunFolder, rows: list[dict[str, Any]], setups, config)
         for budget in config.budgets:
             names = ["full"] + [s.name for s in setups if s.budget == float(budget)]
             grid_image(folder, names, indices, root / "grids" / f"budget_{float(budget):g}.png")
-    print(f"\n{config.model}: {rows[0]['n']} images per setup, fidelity against the full cache\n")
+    inputs = f" (prompts {config.prompts}, {config.size})" if config.prompts else ""
+    print(f"\n{config.model}: {rows[0]['n']} images per setup{inputs}, fidelity against the full cache\n")
     print(table)
     fid_note = "" if config.fid else " (FID off)"
     print(f"wrote metrics.json, metrics.csv, metrics.md, plots/ and grids/ to {root}{fid_note}")

@@ -146,13 +146,50 @@ def model_fingerprint(pipe) -> str:
     return digest.hexdigest()[:16]
 
 
+class PromptPipeline:
+    """A text-to-image pipeline as the harness drives it: the run's conditions are image indices, and
+    ``generate(indices, **sampling)`` generates prompt ``i`` of the run for each index ``i``, at the run's schedule
+    and temperature (``tau``), so that the batches, seeds and passes are those of a class-conditional run."""
+
+    def __init__(self, pipe, prompts: list[str], schedule, tau: float) -> None:
+        self.pipe, self.prompts, self.schedule, self.tau = pipe, prompts, schedule, tau
+        self.model, self.vae = pipe.model, pipe.vae
+
+    def to(self, device) -> PromptPipeline:
+        self.pipe.to(device)
+        return self
+
+    def cache_layout(self, rows: int, cond_rows: int):
+        return self.model.cache_layout(self.schedule, rows=rows, cond_rows=cond_rows)
+
+    def generate(self, indices: list[int], **sampling):
+        prompts = [self.prompts[i] for i in indices]
+        return self.pipe.generate(prompts, schedule=self.schedule, tau=self.tau, **sampling)
+
+
+def prepare_pipeline(pipeline, config: EvalConfig, prompts: list[str] | None):
+    """``pipeline`` as the passes drive it, and the number of conditions to cycle through: a class-conditional
+    pipeline and its class count, or a text-to-image one wrapped in :class:`PromptPipeline` and the prompt count."""
+    if prompts is not None:
+        if getattr(pipeline, "text_encoder", True) is None:
+            raise ValueError(f"model {config.model!r} has no text encoder: expected t5 (--t5 FOLDER)")
+        return PromptPipeline(pipeline, prompts, config.schedule(), config.tau), len(prompts)
+    num_classes = getattr(getattr(getattr(pipeline, "model", None), "cfg", None), "num_classes", None)
+    if not isinstance(num_classes, int):
+        raise ValueError(
+            f"model {config.model!r} is not class-conditional: expected a VAR model, or an Infinity model name with "
+            "a prompts file"
+        )
+    return pipeline, num_classes
+
+
 def plan_fingerprints(pipe, setups: list[Setup], config: EvalConfig) -> dict[str, str]:
     """Per setup whose cache follows a plan, a short hash of that plan on this model (capacities per scale and layer,
     drafters), so that a run resumed after a policy's plan changed (a new default, a recalibrated file) is refused.
 
     The plan is what the cache builds when reset for ``pipe.model``'s layout (one image: plans do not depend on the
     batch)."""
-    layout_of = getattr(getattr(pipe, "model", None), "cache_layout", None)
+    layout_of = getattr(pipe, "cache_layout", None) or getattr(getattr(pipe, "model", None), "cache_layout", None)
     if layout_of is None:
         return {}
     layout = layout_of(rows=2, cond_rows=1)
@@ -175,7 +212,12 @@ def make_setup_cache(setup: Setup, config: EvalConfig):
 
     # e.g. ScaleKV's plan shipped with the model for this budget, unless policy_options give a plan
     given = with_policy_defaults(
-        config.policy_options.get(setup.policy), config.model, setup.policy, setup.budget, config.weights
+        config.policy_options.get(setup.policy),
+        config.model,
+        setup.policy,
+        setup.budget,
+        config.weights,
+        config.schedule(),  # Infinity's released plans hold on their own schedule only
     )
     kwargs = {}
     for key, value in given.items():
@@ -451,14 +493,21 @@ def run_eval(config: EvalConfig, pipeline=None) -> list[dict] | None:
         # refuse a foreign folder before loading anything, and once more when the weights and plans are known
         _on_main_then_all(d, lambda: folder.check(identity, ignore=("model_fingerprint", "plans")))
 
+        prompts = config.prompt_list()
         if pipeline is None:
             from ..hub import load_pipeline
 
-            pipeline = load_pipeline(config.model, config.weights)
-        pipe = pipeline.to(device)
-        num_classes = getattr(getattr(getattr(pipe, "model", None), "cfg", None), "num_classes", None)
-        if not isinstance(num_classes, int):
-            raise ValueError(f"model {config.model!r} is not class-conditional: the evaluation needs class labels")
+            files = {}
+            if prompts is not None:
+                if config.t5 is None:
+                    raise ValueError(
+                        f"model {config.model!r} encodes its prompts with T5: expected t5 (--t5 FOLDER, a local "
+                        "flan-t5-xl)"
+                    )
+                files = {"vae": config.vae, "t5": config.t5}
+            pipeline = load_pipeline(config.model, config.weights, **files)
+        pipe, num_classes = prepare_pipeline(pipeline, config, prompts)
+        pipe = pipe.to(device)
         batches = make_batches(config.n, config.batch_size, config.seed, num_classes)
         mine = [b for b in batches if b.number % d.world_size == d.rank]
         scorers = Scorers.build(config, device)
