@@ -25,6 +25,38 @@ def check_seed(seed: Any, name: str = "seed", *, count: int = 1) -> int:
     return seed
 
 
+SEEDINGS = ("image", "batch")  # per-image generators (the default) or the reference's one generator per batch
+
+
+def check_seeding(seeding: Any, name: str = "seeding") -> str:
+    """``seeding`` as one of :data:`SEEDINGS`: ``"image"`` gives image ``i`` its own generator, ``"batch"`` one
+    generator drives the whole batch (the official implementations', whose images depend on their batch)."""
+    if not isinstance(seeding, str) or seeding not in SEEDINGS:
+        raise ValueError(f"{_label(name, seeding)}: expected one of {list(SEEDINGS)}")
+    return seeding
+
+
+def check_seeds(seed: Any, batch: int, name: str = "seed", *, seeding: str = "image") -> list[int]:
+    """The seeds of a batch of ``batch`` images. Under ``seeding="image"``: an integer ``s`` (None means 0) gives
+    image ``i`` seed ``s + i``, and a list or tuple gives one seed per image (its length must equal ``batch``).
+    Under ``seeding="batch"``: one integer, the seed of the batch's generator, returned as a one-element list.
+    Every seed is an integer in [0, 2**63)."""
+    seeding = check_seeding(seeding)
+    seed = 0 if seed is None else seed
+    if isinstance(seed, (list, tuple)):
+        if seeding == "batch":
+            raise ValueError(
+                f"{_label(name, seed)}: seeding='batch' takes one integer seed for the whole batch, not a list"
+            )
+        if len(seed) != batch:
+            raise ValueError(f"{_label(name, seed)}: {len(seed)} seeds for a batch of {batch}; expected one per image")
+        return [check_seed(s, f"{name}[{i}]") for i, s in enumerate(seed)]
+    if seeding == "batch":
+        return [check_seed(seed, name)]
+    first = check_seed(seed, name, count=batch)
+    return [first + i for i in range(batch)]
+
+
 def check_device(device: Any, name: str = "device"):
     """The ``torch.device`` that ``device`` names, if this torch can use it; ValueError otherwise.
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache.base import CacheLayout, KVCache, Scale
-from .checks import check_seed
+from .checks import check_seed, check_seeds
 
 
 @dataclass
@@ -151,3 +151,14 @@ def make_generator(seed, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+def make_generators(seed, batch: int, device: torch.device, seeding: str = "image"):
+    """The sampling generators of a batch of ``batch`` images on ``device`` (see :func:`scalekv.checks.check_seeds`):
+    under ``seeding="image"`` a list with one generator per image (image ``i`` of seed ``s`` is seeded ``s + i``, or
+    with ``seed[i]`` for a list), so an image never depends on its batch; under ``seeding="batch"`` one generator
+    for the whole batch, as the official implementations."""
+    seeds = check_seeds(seed, batch, seeding=seeding)
+    if seeding == "batch":
+        return make_generator(seeds[0], device)
+    return [make_generator(s, device) for s in seeds]

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .cache.base import KVCache
 from .checkpoint import CheckpointError
-from .generation import Generation, GenerationLoop, check_sampling, make_generator
+from .checks import check_seeding
+from .generation import Generation, GenerationLoop, check_sampling, make_generators
 from .models.bsq_vae import BSQ_VAE_PRESETS, BSQVAE, BSQVAEConfig, load_bsq_vae, upsample_codes
 from .models.infinity import INFINITY_PRESETS, Infinity, InfinityConfig, TextBatch, load_infinity
 from .models.schedules import ScaleSchedule, schedule_for_size
@@ -120,17 +121,21 @@ class InfinityPipeline:
         tau: float = 0.5,
         top_k: int = 900,
         top_p: float = 0.97,
-        seed: int | None = 0,
+        seed: int | list[int] | None = 0,
         keep_logits: bool = False,
         forced_bits: torch.Tensor | None = None,
+        seeding: str = "image",
     ) -> Generation:
         """Generate one image per prompt, as the official ``autoregressive_infer_cfg`` with CFG on the logits.
 
         ``schedule`` (or ``size`` = (height, width) in pixels, mapped by :func:`schedule_for_size`) fixes the
         token maps. Per scale: logits / ``tau``, then ``cfg * cond + (1 - cfg) * uncond`` (constant over scales;
         ``cfg == 1`` runs without unconditional rows, as the reference); every bit is drawn from its logit pair with
-        top-k/top-p and one ``torch.multinomial`` per scale from a generator seeded with ``seed`` on the model's
-        device (``top_k=1`` is greedy). The next scale's input is the trilinear resize of the running code sum.
+        top-k/top-p and ``torch.multinomial`` on the model's device (``top_k=1`` is greedy). ``seeding="image"`` (the
+        default) gives image ``i`` its own generator seeded ``seed + i`` (or ``seed[i]`` for a list of one seed per
+        prompt), so an image never depends on its batch; ``seeding="batch"`` draws one multinomial per scale for the
+        whole batch from one generator seeded ``seed``, as the reference. The next scale's input is the trilinear
+        resize of the running code sum.
 
         Returns a :class:`~scalekv.pipeline.Generation`: RGB images (B, 3, H, W) in [0, 1] (the reference returns
         BGR uint8; see :func:`to_official_uint8`); ``f_hat`` = the decoder input (B, bits, H/16, W/16) (VAE grid,
@@ -150,10 +155,11 @@ class InfinityPipeline:
             raise ValueError(f"tau={tau!r}: expected a positive temperature")
         schedule = schedule if schedule is not None else schedule_for_size(*size)
         loop = GenerationLoop(cache)
-        gen = make_generator(seed, self.device)
+        check_seeding(seeding)
         text = self.encode(prompts)
         negative = self.encode(negative_prompts) if negative_prompts is not None else None
         b, scales, use_cfg = text.batch, schedule.scales, cfg != 1
+        gen = make_generators(seed, b, self.device, seeding)
         if forced_bits is not None and tuple(forced_bits.shape) != (b, schedule.total_tokens, m.cfg.d_vae):
             raise ValueError(
                 f"forced_bits has shape {tuple(forced_bits.shape)}; expected {(b, schedule.total_tokens, m.cfg.d_vae)}"

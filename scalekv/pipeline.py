@@ -8,7 +8,7 @@ import torch
 
 from .cache.base import KVCache
 from .checkpoint import CheckpointError
-from .generation import Generation, GenerationLoop, ScaleRecord, check_sampling, make_generator  # noqa: F401
+from .generation import Generation, GenerationLoop, ScaleRecord, check_sampling, make_generator, make_generators  # noqa: F401
 from .models.var import VAR, VAR_PRESETS, VARConfig, load_var
 from .models.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig, load_vqvae
 from .sampling import sample_top_k_top_p
@@ -82,24 +82,27 @@ class VARPipeline:
         cfg: float = 1.5,
         top_k: int = 900,
         top_p: float = 0.96,
-        seed: int | None = 0,
+        seed: int | list[int] | None = 0,
         greedy: bool = False,
         keep_logits: bool = False,
+        seeding: str = "image",
     ) -> Generation:
         """Generate one image per class label.
 
         Classifier-free guidance as the official VAR: rows ``[labels; null]``, guided logits
         ``(1 + t) * cond - t * uncond`` with ``t = cfg * k / (n - 1)`` at scale ``k`` of ``n``. Sampling is top-k/top-p
-        from one ``torch.Generator`` seeded with ``seed`` on the model's device; ``greedy`` takes the argmax.
+        on the model's device; ``greedy`` takes the argmax. ``seeding="image"`` (the default) gives image ``i`` its own
+        generator, seeded ``seed + i`` (or ``seed[i]`` for a list of one seed per label), so an image never depends on
+        its batch; ``seeding="batch"`` draws the whole batch from one generator seeded ``seed``, as the official VAR.
         ``cache`` defaults to the full cache; it is reset here, so one object may serve many generations.
         """
         m, vae = self.model, self.vae
         labels = _check_labels(labels, m.cfg.num_classes).to(self.device)
         check_sampling(cfg, top_k, top_p)
         loop = GenerationLoop(cache)
-        gen = make_generator(seed, self.device)  # validates the seed even when greedy ignores it
-        gen = None if greedy else gen
         b, scales = labels.shape[0], m.cfg.scales
+        gen = make_generators(seed, b, self.device, seeding)  # validates the seeds even when greedy ignores them
+        gen = None if greedy else gen
 
         loop.begin(m.cache_layout(rows=2 * b, cond_rows=b))
         cond = m.class_emb(torch.cat((labels, torch.full_like(labels, m.cfg.num_classes))))

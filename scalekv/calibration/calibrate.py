@@ -106,10 +106,17 @@ def collect_stats(
     query_chunk: int = 256,
     head_chunk: int = 4,
     progress: bool = False,
+    seeding: str = "image",
 ) -> AttentionStats:
     """Run ``generate(batch, cache=..., seed=...)`` (a pipeline's ``generate`` with its sampling settings bound)
-    over ``inputs`` (labels or prompts) in batches of ``batch_size``, batch ``i`` seeded ``seed + i``, and return
-    the accumulated statistics. K' is ``top_k`` tokens, or B of ``budget`` on the model's schedule."""
+    over ``inputs`` (labels or prompts) in batches of ``batch_size`` and return the accumulated statistics. Under
+    ``seeding="image"`` input ``j`` is seeded ``seed + j`` (``seed`` is then the list of its batch's seeds, so the
+    images do not depend on ``batch_size``); under ``seeding="batch"`` batch ``i`` is seeded ``seed + i`` and
+    ``generate`` also gets ``seeding="batch"``. K' is ``top_k`` tokens, or B of ``budget`` on the model's
+    schedule."""
+    from ..checks import check_seeding
+
+    check_seeding(seeding)
     if not inputs:
         raise ValueError("calibration needs at least one input (a label or a prompt); got none")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -121,7 +128,11 @@ def collect_stats(
 
         starts = tqdm(starts, desc="calibration", unit="batch")
     for i, start in enumerate(starts):
-        generate(list(inputs[start : start + batch_size]), cache=collector, seed=seed + i)
+        batch = list(inputs[start : start + batch_size])
+        if seeding == "image":
+            generate(batch, cache=collector, seed=[seed + start + k for k in range(len(batch))])
+        else:
+            generate(batch, cache=collector, seed=seed + i, seeding="batch")
     current, topk = collector.means()
     schedule = tuple((s.h, s.w) for s in collector.layout.scales)
     return AttentionStats(schedule, collector.top_k, len(inputs), current, topk)
@@ -234,6 +245,7 @@ def calibrate(
     seed: int = 1000,
     model: str = "",
     progress: bool = False,
+    seeding: str = "image",
     **generate_kwargs: Any,
 ) -> Plan:
     """Calibrate a ScaleKV plan for ``pipe`` at ``budget``.
@@ -241,15 +253,17 @@ def calibrate(
     ``inputs``: class labels (VAR) or prompts (Infinity); for a VAR pipeline they default to ``samples`` labels
     cycling over the classes (prompts must be given). ``generate_kwargs`` go to ``pipe.generate`` (sampling
     settings, Infinity's ``schedule``). The seed defaults away from 0 so that calibration and evaluation images
-    differ. Returns the plan; save it with :meth:`Plan.save`.
+    differ; ``seeding`` is :func:`collect_stats`'s (input ``j`` seeded ``seed + j``, or batch ``i`` seeded
+    ``seed + i`` from one generator). Returns the plan; save it with :meth:`Plan.save`.
 
     Every argument is checked before the calibration pass. A budget whose B covers the whole prefix (e.g. 1.0)
     compresses no scale: the result is then the keep-everything plan, made without a calibration pass (there is
     nothing to choose), and it carries no statistics.
     """
-    from ..checks import check_seed
+    from ..checks import check_seed, check_seeding
 
     budget = check_budget(budget)
+    check_seeding(seeding)
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r}: expected one of {COMBINES}")
     check_refiner_schedule(refiner_start, refiner_end)
@@ -260,7 +274,7 @@ def calibrate(
         if num_classes is None:
             raise ValueError("this pipeline is not class-conditional: pass inputs=[prompts] to calibrate it")
         inputs = default_inputs(num_classes, samples)
-    check_seed(seed, count=-(-len(inputs) // batch_size))
+    check_seed(seed, count=len(inputs) if seeding == "image" else -(-len(inputs) // batch_size))
     layout = _layout(pipe, generate_kwargs)
     if layout is not None:
         scales, layers = layout.scales, layout.num_layers
@@ -280,11 +294,14 @@ def calibrate(
                 "source": f"scalekv calibrate: budget {budget:g} keeps the whole {scales[-1].start}-token prefix, "
                 "so no scale is compressed (no calibration pass)",
                 "seed": seed,
+                "seeding": seeding,
             }
             return dataclasses.replace(plan, provenance=provenance)
     bound = bound_generate(pipe.generate, generate_kwargs)
-    stats = collect_stats(bound, inputs, budget=budget, batch_size=batch_size, seed=seed, progress=progress)
-    extra = {"seed": seed, "generate": {k: v for k, v in generate_kwargs.items() if _is_plain(v)}}
+    stats = collect_stats(
+        bound, inputs, budget=budget, batch_size=batch_size, seed=seed, progress=progress, seeding=seeding
+    )
+    extra = {"seed": seed, "seeding": seeding, "generate": {k: v for k, v in generate_kwargs.items() if _is_plain(v)}}
     return plan_from_stats(
         stats,
         budget,
@@ -324,8 +341,8 @@ def bound_generate(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[.
     """``fn`` (a pipeline's ``generate``) with ``kwargs`` (sampling settings) bound: what :func:`collect_stats` runs.
     Binding keeps the sampling ``top_k`` apart from :func:`collect_stats`'s own ``top_k`` (K')."""
 
-    def call(batch, *, cache, seed):
-        return fn(batch, cache=cache, seed=seed, **kwargs)
+    def call(batch, *, cache, seed, **options):  # options: collect_stats's seeding="batch"
+        return fn(batch, cache=cache, seed=seed, **options, **kwargs)
 
     return call
 

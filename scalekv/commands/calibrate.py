@@ -10,6 +10,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..cache.plan import PAPER_REFINER_END, PAPER_REFINER_START
     from ..calibration.asi import COMBINES
     from ..calibration.calibrate import DEFAULT_COMBINE, DEFAULT_DRAFTER_SHARE
+    from .generate import add_seeding_argument
 
     p = sub.add_parser("calibrate", help="calibrate a ScaleKV plan (drafters and capacities) from attention")
     p.add_argument("--model", required=True, help="model name, e.g. demo, var-d16, infinity-2b")
@@ -28,8 +29,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=16, help="VAR: calibration images, labels cycling (default 16)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
-        "--seed", type=int, default=1000, help="calibration seed in [0, 2**63) (default 1000, away from eval seeds)"
+        "--seed",
+        type=int,
+        default=1000,
+        help="calibration seed in [0, 2**63): image j is seeded seed + j (under --seeding batch, batch i seed + i); "
+        "default 1000, away from eval seeds",
     )
+    add_seeding_argument(p)
     p.add_argument("--combine", choices=COMBINES, default=DEFAULT_COMBINE, help=f"ASI (default {DEFAULT_COMBINE})")
     p.add_argument(
         "--drafters",
@@ -89,7 +95,7 @@ def check_args(args: argparse.Namespace) -> Path:
     """Every argument that can be checked without the model, before it is loaded; returns the plan path."""
     from ..cache.base import check_budget
     from ..cache.plan import check_selection
-    from ..checks import check_device, check_seed
+    from ..checks import check_device, check_seed, check_seeding
     from ..outputs import check_output_file
     from .plan import check_plan_out
 
@@ -109,8 +115,14 @@ def check_args(args: argparse.Namespace) -> Path:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
     check_device(args.device, "--device")
-    check_seed(args.seed, "--seed", count=-(-args.samples // args.batch_size))
+    check_seeding(args.seeding, "--seeding")
+    check_seed(args.seed, "--seed", count=_seed_count(args, args.samples))
     return out
+
+
+def _seed_count(args: argparse.Namespace, inputs: int) -> int:
+    """How many consecutive seeds from --seed calibrating ``inputs`` images uses (one per image or per batch)."""
+    return inputs if args.seeding == "image" else -(-inputs // args.batch_size)
 
 
 def check_refiners(start: float, end: float) -> None:
@@ -139,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.prompts or not args.t5:
             raise ValueError(f"{args.model!r} calibrates on prompts: give --prompts FILE and --t5 FOLDER")
         inputs = read_prompts(args.prompts)
-        check_seed(args.seed, "--seed", count=-(-len(inputs) // args.batch_size))
+        check_seed(args.seed, "--seed", count=_seed_count(args, len(inputs)))
         schedule = schedule_for_size(*parse_size(args.size))
         pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
         generate_kwargs = {"schedule": schedule}
@@ -160,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         refiner_end=args.refiner_end,
         batch_size=args.batch_size,
         seed=args.seed,
+        seeding=args.seeding,
         model=args.model,
         progress=True,
         **generate_kwargs,

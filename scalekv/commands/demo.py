@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .generate import add_seeding_argument, seed_record
+
 BUDGETS = (0.1, 0.2)
 # A policy gets its budget and what scalekv.hub.policy_defaults ships for the model (ScaleKV: its plan in
 # scalekv/weights/demo/plans/); a model that ships no ScaleKV plan gets one `calibrate` makes on the spot
@@ -54,7 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="demo", help="model name (default: the embedded demo model)")
     p.add_argument("--weights", help="weights folder (default: the copy shipped in the package)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, an integer in [0, 2**63) (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed in [0, 2**63): image i is seeded seed + i (default 0)"
+    )
+    add_seeding_argument(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -75,15 +80,19 @@ def cache_settings() -> list[tuple[str, float | None, dict]]:
     return settings
 
 
-def run_demo(pipe, labels, seed: int, sampling: dict, *, model: str, weights: str | None) -> list[DemoRow]:
+def run_demo(
+    pipe, labels, seed: int, sampling: dict, *, model: str, weights: str | None, seeding: str = "image"
+) -> list[DemoRow]:
     """Generate ``labels`` under every cache setting; the first row is the full cache (the reference). ``model``
-    and ``weights`` (as given to ``load_pipeline``) locate ScaleKV's shipped plans."""
+    and ``weights`` (as given to ``load_pipeline``) locate ScaleKV's shipped plans; ``seeding`` is the
+    ``generate`` option (image ``i`` seeded ``seed + i``, or one generator for the batch)."""
     from ..cache import make_cache
     from ..calibration.calibrate import calibrate
     from ..hub import policy_defaults
     from ..metrics import psnr, ssim
 
-    pipe.generate(labels[:2], seed=seed, **sampling)  # warm-up, so that one-time costs do not count against "full"
+    # warm-up, so that one-time costs do not count against "full"
+    pipe.generate(labels[:2], seed=seed, seeding=seeding, **sampling)
     rows: list[DemoRow] = []
     for name, budget, options in cache_settings():
         if budget is None:
@@ -97,7 +106,7 @@ def run_demo(pipe, labels, seed: int, sampling: dict, *, model: str, weights: st
             cache = make_cache(name, budget=budget, **options)
             if source is not None:  # the row records where the plan came from
                 options = {**options, "plan": source}
-        gen = pipe.generate(labels, cache=cache, seed=seed, **sampling)
+        gen = pipe.generate(labels, cache=cache, seed=seed, seeding=seeding, **sampling)
         row = DemoRow(name, budget, options, gen.images, gen.stats())
         if rows:
             ref = rows[0].images
@@ -161,7 +170,7 @@ def _demo_files(results: dict) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     import io
 
-    from ..checks import check_seed
+    from ..checks import check_seed, check_seeding
     from ..hub import DEMO, default_sampling, load_pipeline
     from ..outputs import check_output_folder, owned_by, replace_output
 
@@ -171,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         expected="a new or empty folder, or one holding only an earlier `scalekv demo` output "
         f"({', '.join(DEMO_FILES)})",
     )
-    check_seed(args.seed, "--seed")
+    check_seeding(args.seeding, "--seeding")
+    check_seed(args.seed, "--seed", count=len(DEMO_LABELS) if args.seeding == "image" else 1)
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
     torch.set_num_threads(args.threads)
@@ -179,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.weights)
     sampling = default_sampling(args.model, args.weights)
     labels = list(DEMO_LABELS)
-    rows = run_demo(pipe, labels, args.seed, sampling, model=args.model, weights=args.weights)
+    rows = run_demo(pipe, labels, args.seed, sampling, model=args.model, weights=args.weights, seeding=args.seeding)
     from ..data import CLASSES
 
     titles = [CLASSES[i] if args.model == DEMO else str(i) for i in labels]
@@ -198,12 +208,14 @@ def run(args: argparse.Namespace) -> int:
         }
         for r in rows
     ]
-    meta = {"model": args.model, "labels": labels, "seed": args.seed, "sampling": sampling, "rows": results}
+    seeds = seed_record(args.seed, len(labels), args.seeding)
+    meta = {"model": args.model, "labels": labels, **seeds, "sampling": sampling, "rows": results}
     contents = {"demo_grid.png": grid.getvalue(), "demo_table.md": (text + "\n").encode()}
     contents[RESULTS] = (json.dumps(meta, indent=1) + "\n").encode()
     grid_path, table_path, results_path = replace_output(out, contents, RESULTS, _demo_files)
     print(
-        f"scalekv demo: model {args.model}, labels {labels}, seed {args.seed}, sampling {sampling}, "
+        f"scalekv demo: model {args.model}, labels {labels}, seed {args.seed} ({args.seeding} seeding), "
+        f"sampling {sampling}, "
         f"CPU threads: {torch.get_num_threads()}"
     )
     print(text)

@@ -50,8 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, help="images per policy and budget (default 500)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="images per batch (default 8)")
     p.add_argument(
-        "--seed", type=int, help="batch j is seeded with seed + j * batch_size, all in [0, 2**63) (default 0)"
+        "--seed",
+        type=int,
+        help="image j is seeded with seed + j (under --seeding batch: batch j with seed + j * batch_size), all in "
+        "[0, 2**63) (default 0)",
     )
+    from .generate import add_seeding_argument
+
+    add_seeding_argument(p, default=None)
     p.add_argument(
         "--cfg", type=float, help="classifier-free guidance scale (default: the model's, VAR 1.5, Infinity 3)"
     )
@@ -100,6 +106,7 @@ SETTINGS = [
     "n",
     "batch_size",
     "seed",
+    "seeding",
     "cfg",
     "top_k",
     "top_p",

@@ -21,7 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t5", help="Infinity: local flan-t5-xl folder (never downloaded)")
     p.add_argument("--size", default="1024x1024", help="Infinity: WIDTHxHEIGHT, mapped to the nearest template")
     p.add_argument("--tau", type=float, default=None, help="Infinity: logit temperature (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, an integer in [0, 2**63) (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed in [0, 2**63): image i is seeded seed + i (default 0)"
+    )
+    add_seeding_argument(p)
     p.add_argument(
         "--cfg", type=float, default=None, help="guidance scale (default: VAR 1.5, Infinity 3, demo its own)"
     )
@@ -40,6 +43,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "refused",
     )
     p.set_defaults(run=run)
+
+
+def add_seeding_argument(p: argparse.ArgumentParser, default: str | None = "image") -> None:
+    """``--seeding``, shared by generate, demo, eval and calibrate (eval's default is None: --config may set it)."""
+    from ..checks import SEEDINGS
+
+    p.add_argument(
+        "--seeding",
+        choices=SEEDINGS,
+        default=default,
+        help="image (default): image i has its own generator seeded seed + i, so it never depends on its batch; "
+        "batch: one generator seeded seed for the whole batch, as the official implementations",
+    )
+
+
+def seed_record(seed: int, batch: int, seeding: str) -> dict:
+    """What stats.json records about the seeds of a batch of ``batch`` images: the mode, the base seed and, per
+    image, the seed of its generator (under ``batch`` seeding, every image shares the batch's seed)."""
+    from ..checks import check_seeds
+
+    seeds = check_seeds(seed, batch, "--seed", seeding=seeding)
+    return {"seed": seed, "seeding": seeding, "seeds": seeds if seeding == "image" else seeds * batch}
 
 
 def parse_labels(text: str) -> list[int]:
@@ -115,12 +140,13 @@ def write_outputs(out: Path, gen, cache, stats: dict, what: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checks import check_device, check_seed
+    from ..checks import check_device, check_seed, check_seeding
     from ..hub import default_sampling, load_pipeline
     from ..infinity_pipeline import infinity_names
 
     check_out(args.out)  # before anything is loaded
     check_seed(args.seed, "--seed")
+    check_seeding(args.seeding, "--seeding")
     check_device(args.device, "--device")
     if args.model in infinity_names():
         return run_infinity(args)
@@ -130,19 +156,29 @@ def run(args: argparse.Namespace) -> int:
     if args.labels is None:
         raise ValueError(f"--labels is required for {args.model!r}")
     labels = parse_labels(args.labels)
+    seeds = seed_record(args.seed, len(labels), args.seeding)  # refuses seed + len(labels) - 1 >= 2**63 up front
     sampling = default_sampling(args.model, args.weights)  # the official VAR settings; the demo model's own
     cfg = sampling["cfg"] if args.cfg is None else args.cfg
     top_k = sampling["top_k"] if args.top_k is None else args.top_k
     top_p = sampling["top_p"] if args.top_p is None else args.top_p
     cache = cache_from_args(args)
     pipe = load_pipeline(args.model, args.weights).to(args.device)
-    gen = pipe.generate(labels, cache=cache, cfg=cfg, top_k=top_k, top_p=top_p, seed=args.seed, greedy=args.greedy)
+    gen = pipe.generate(
+        labels,
+        cache=cache,
+        cfg=cfg,
+        top_k=top_k,
+        top_p=top_p,
+        seed=args.seed,
+        greedy=args.greedy,
+        seeding=args.seeding,
+    )
     stats = {
         "model": args.model,
         "policy": args.policy,
         "plan": args.plan,
         "labels": labels,
-        "seed": args.seed,
+        **seeds,
         "cfg": cfg,
         "top_k": top_k,
         "top_p": top_p,
@@ -162,6 +198,7 @@ def run_infinity(args: argparse.Namespace) -> int:
         raise ValueError(f"--labels/--greedy apply to VAR models; for {args.model!r} use --prompt (and --top-k 1)")
     if args.t5 is None:
         raise ValueError("--t5 FOLDER (a local flan-t5-xl) is required to encode --prompt")
+    seeds = seed_record(args.seed, len(args.prompt), args.seeding)
     schedule = schedule_for_size(*parse_size(args.size))
     sampling = default_sampling(args.model)  # the official Infinity settings
     cfg = sampling["cfg"] if args.cfg is None else args.cfg
@@ -171,7 +208,15 @@ def run_infinity(args: argparse.Namespace) -> int:
     cache = cache_from_args(args, schedule)
     pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
     gen = pipe.generate(
-        args.prompt, schedule=schedule, cache=cache, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, seed=args.seed
+        args.prompt,
+        schedule=schedule,
+        cache=cache,
+        cfg=cfg,
+        tau=tau,
+        top_k=top_k,
+        top_p=top_p,
+        seed=args.seed,
+        seeding=args.seeding,
     )
     height, width = schedule.image_size
     stats = {
@@ -181,7 +226,7 @@ def run_infinity(args: argparse.Namespace) -> int:
         "prompts": args.prompt,
         "size": f"{width}x{height}",
         "schedule": {"template": schedule.template, "pixels": schedule.pixels, "sizes": schedule.sizes},
-        "seed": args.seed,
+        **seeds,
         "cfg": cfg,
         "tau": tau,
         "top_k": top_k,

@@ -26,9 +26,12 @@ class EvalConfig:
     """Everything that defines an evaluation run.
 
     Image ``i`` (0-based, ``0 <= i < n``) has class label ``i % num_classes``. Images are generated in batches of
-    consecutive indices ``[j * batch_size, (j + 1) * batch_size)`` (the last may be shorter) and batch ``j`` is
-    sampled from one generator seeded with ``seed + j * batch_size`` (its first index), so every policy sees the
-    same labels, the same batch composition and the same seeds; the full cache is the reference.
+    consecutive indices ``[j * batch_size, (j + 1) * batch_size)`` (the last may be shorter). Under
+    ``seeding="image"`` (the default) image ``i`` is sampled from its own generator seeded ``seed + i``, so its
+    image does not depend on ``batch_size`` or the number of processes; under ``seeding="batch"`` (the official
+    implementations' way) batch ``j`` is sampled from one generator seeded ``seed + j * batch_size`` (its first
+    index). Either way every policy sees the same labels, the same batch composition and the same seeds; the full
+    cache is the reference. ``seeding`` is part of the run's identity, so a run never mixes the two.
     """
 
     model: str
@@ -39,6 +42,7 @@ class EvalConfig:
     n: int = 500
     batch_size: int = 8
     seed: int = 0
+    seeding: str = "image"  # "image": image i seeded seed + i; "batch": batch j's one generator seeded seed + j * bs
     # sampling; None takes the model's own (the demo model's config.json; VAR's official 1.5 / 900 / 0.96)
     cfg: float | None = None
     top_k: int | None = None
@@ -84,9 +88,10 @@ class EvalConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected true or false")
         if self.fid and self.n < 2:
             raise ValueError(f"n={self.n} with fid on: FID needs at least 2 images, expected n >= 2 or fid false")
-        from ..checks import check_seed
+        from ..checks import check_seed, check_seeding
 
-        check_seed(self.seed, "seed", count=self.n)  # image i's batch is seeded with at most seed + i
+        check_seeding(self.seeding)
+        check_seed(self.seed, "seed", count=self.n)  # image i (or its batch) is seeded with at most seed + i
         if self.policies is not None:
             if (
                 not isinstance(self.policies, list)

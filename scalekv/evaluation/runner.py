@@ -43,7 +43,9 @@ class Setup:
 
 @dataclass(frozen=True)
 class Batch:
-    """Batch ``number``: images ``indices`` (consecutive), their class labels, and the seed of its generator."""
+    """Batch ``number``: images ``indices`` (consecutive), their class labels, and ``seed``: that of its first image
+    (the others follow, ``seed + k`` for its ``k``-th image) under ``seeding="image"``, or of its one generator under
+    ``seeding="batch"``."""
 
     number: int
     indices: list[int]
@@ -53,7 +55,8 @@ class Batch:
 
 def make_batches(n: int, batch_size: int, seed: int, num_classes: int) -> list[Batch]:
     """Split images ``0..n-1`` into batches of consecutive indices; image ``i`` gets label ``i % num_classes`` and
-    batch ``j`` the seed ``seed + j * batch_size`` (the index of its first image)."""
+    batch ``j`` the seed ``seed + j * batch_size`` (the index of its first image), so under per-image seeding image
+    ``i`` is seeded ``seed + i`` whatever the batch size."""
     batches = []
     for j, start in enumerate(range(0, n, batch_size)):
         idx = list(range(start, min(start + batch_size, n)))
@@ -240,7 +243,13 @@ def generate_batch(
     _sync(device)
     start = time.perf_counter()
     gen = pipe.generate(
-        batch.labels, cache=cache, cfg=config.cfg, top_k=config.top_k, top_p=config.top_p, seed=batch.seed
+        batch.labels,
+        cache=cache,
+        cfg=config.cfg,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        seed=batch.seed,
+        seeding=config.seeding,
     )
     _sync(device)
     seconds = time.perf_counter() - start
@@ -248,6 +257,9 @@ def generate_batch(
         "rank": rank,
         "indices": batch.indices,
         "seed": batch.seed,
+        "seeding": config.seeding,
+        # the seed of each image's generator (under batch seeding, every image shares the batch's)
+        "seeds": [batch.seed + k if config.seeding == "image" else batch.seed for k in range(len(batch.indices))],
         "images": len(batch.indices),
         "seconds": seconds,
         # the memory figures of scalekv.generation, for the whole batch (CFG rows included)

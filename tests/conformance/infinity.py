@@ -191,6 +191,7 @@ def _generate(fixture: Path, case: str, bf16: bool, forced: torch.Tensor | None 
         top_k=s["top_k"],
         top_p=s["top_p"],
         seed=s["g_seed"],
+        seeding="batch",  # the reference drew each batch from one generator
         keep_logits=True,
         forced_bits=forced,
     )

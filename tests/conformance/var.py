@@ -88,7 +88,13 @@ def check_generation(fixture: Path, case: str) -> None:
     cs = load_file(str(fixture / "cases.safetensors"))
     s = cfg["sampling"][case]
     gen = pipe.generate(
-        cs[f"{case}.label"], cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"], seed=s["g_seed"], keep_logits=True
+        cs[f"{case}.label"],
+        cfg=s["cfg"],
+        top_k=s["top_k"],
+        top_p=s["top_p"],
+        seed=s["g_seed"],
+        keep_logits=True,
+        seeding="batch",
     )
     assert torch.equal(gen.tokens, cs[f"{case}.idx"]), f"{case}: tokens differ from the reference"
     assert _max_err(gen.f_hat, cs[f"{case}.f_hat"]) <= TOL_FHAT
