@@ -29,7 +29,7 @@ from scalekv.cache.plan import PLANS_DIR
 from scalekv.infinity_pipeline import random_infinity_pipeline
 from scalekv.models.bsq_vae import BSQVAEConfig
 from scalekv.models.infinity import InfinityConfig, TextBatch
-from scalekv.models.schedules import get_schedule
+from scalekv.schedules import get_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASED_2B = PLANS_DIR / "infinity_2b_10pct.json"  # the released file, shipped in the package

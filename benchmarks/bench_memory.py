@@ -66,7 +66,7 @@ def make_setup(model: str):
 
     from scalekv.infinity_pipeline import random_infinity_pipeline
     from scalekv.models.infinity import TextBatch
-    from scalekv.models.schedules import get_schedule
+    from scalekv.schedules import get_schedule
 
     cfg, vae_cfg = bench_config()
     pipe = random_infinity_pipeline(cfg, vae_cfg, seed=0)

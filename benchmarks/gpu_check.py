@@ -23,7 +23,7 @@ from scalekv.cache.plan import PLANS_DIR
 from scalekv.infinity_pipeline import random_infinity_pipeline
 from scalekv.models.bsq_vae import BSQ_VAE_PRESETS, BSQVAEConfig
 from scalekv.models.infinity import INFINITY_PRESETS, InfinityConfig, TextBatch
-from scalekv.models.schedules import get_schedule
+from scalekv.schedules import get_schedule
 
 
 def main(argv: list[str] | None = None) -> int:

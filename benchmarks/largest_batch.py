@@ -40,9 +40,9 @@ def models():
     from scalekv.cache import CacheLayout
     from scalekv.models.bsq_vae import BSQ_VAE_PRESETS, BSQVAE
     from scalekv.models.infinity import INFINITY_PRESETS, Infinity
-    from scalekv.models.schedules import get_schedule
     from scalekv.models.var import VAR, VAR_PRESETS
     from scalekv.models.vqvae import VQVAE, VQVAE_PRESETS
+    from scalekv.schedules import get_schedule
 
     out = []
     for name, cfg in VAR_PRESETS.items():

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache.base import CacheLayout, KVCache, Scale
+from .cache.base import CacheLayout, KVCache
 from .checks import check_seed, check_seeds
+from .schedules import Scale
 
 
 @dataclass

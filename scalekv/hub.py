@@ -28,7 +28,7 @@ def default_plan(model: str, budget: float | None, weights: str | Path | None = 
     if model == DEMO:
         path = (Path(weights) if weights else DEMO_DIR) / "plans" / f"scalekv_{percent}pct.json"
     elif model in ("infinity-2b", "infinity-8b") and percent == 10:
-        from .models.schedules import get_schedule
+        from .schedules import get_schedule
 
         if schedule is not None and schedule != get_schedule(1.0, "1M"):
             return None

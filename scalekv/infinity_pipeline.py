@@ -16,8 +16,8 @@ from .checks import check_seeding
 from .generation import Generation, GenerationLoop, check_sampling, make_generators
 from .models.bsq_vae import BSQ_VAE_PRESETS, BSQVAE, BSQVAEConfig, load_bsq_vae, upsample_codes
 from .models.infinity import INFINITY_PRESETS, Infinity, InfinityConfig, TextBatch, load_infinity
-from .models.schedules import ScaleSchedule, schedule_for_size
 from .sampling import sample_top_k_top_p
+from .schedules import ScaleSchedule, schedule_for_size
 
 # the official weight files of each preset (looked up in the --weights folder) and its VAE preset
 OFFICIAL_FILES = {
@@ -228,10 +228,10 @@ class InfinityPipeline:
 def check_size(size) -> tuple[int, int]:
     """``size`` for :meth:`InfinityPipeline.generate`: a (height, width) pair of integers in pixels. Text such as
     ``"256x256"`` is refused (the command line's WIDTHxHEIGHT text goes through
-    :func:`scalekv.models.schedules.parse_size`)."""
+    :func:`scalekv.schedules.parse_size`)."""
     ok = isinstance(size, (tuple, list)) and len(size) == 2
     if not ok or any(isinstance(v, bool) or not isinstance(v, int) for v in size):
-        hint = "; for 'WIDTHxHEIGHT' text use scalekv.models.schedules.parse_size" if isinstance(size, str) else ""
+        hint = "; for 'WIDTHxHEIGHT' text use scalekv.schedules.parse_size" if isinstance(size, str) else ""
         raise ValueError(f"size={size!r}: expected (height, width) in pixels, e.g. (1024, 1024){hint}")
     return int(size[0]), int(size[1])
 

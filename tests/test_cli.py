@@ -58,7 +58,7 @@ def test_generate_on_the_demo_model_uses_its_sampling_and_calibrated_plan(tmp_pa
 def test_infinity_scalekv_without_plan_takes_the_released_plan_at_1024_only():
     from scalekv.cache.plan import PLANS_DIR
     from scalekv.commands.generate import cache_from_args
-    from scalekv.models.schedules import get_schedule
+    from scalekv.schedules import get_schedule
 
     argv = ["generate", "--model", "infinity-2b", "--prompt", "a fox", "--policy", "scalekv", "--budget", "0.1"]
     args = build_parser().parse_args([*argv, "--out", "unused"])

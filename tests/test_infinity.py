@@ -26,7 +26,7 @@ from scalekv.models.infinity import (
     rope_positions,
     rope_table,
 )
-from scalekv.models.schedules import (
+from scalekv.schedules import (
     PIXEL_NAMES,
     TEMPLATES,
     ScaleSchedule,

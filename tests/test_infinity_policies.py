@@ -12,7 +12,7 @@ import torch
 
 from scalekv.cache import POLICIES, make_cache
 from scalekv.models.infinity import Infinity
-from scalekv.models.schedules import ScaleSchedule, get_schedule
+from scalekv.schedules import ScaleSchedule, get_schedule
 
 from .test_infinity import random_text, tiny_config, tiny_pipeline
 

@@ -33,39 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..schedules import Scale, make_scales  # noqa: F401  (re-exported: the cache API names them)
 from .store import KVStore, LayerKV  # noqa: F401  (LayerKV: the type policies read)
-
-
-@dataclass(frozen=True)
-class Scale:
-    """One step of a next-scale schedule: the token map of side ``h`` x ``w`` that starts at ``start``."""
-
-    index: int
-    h: int
-    w: int
-    start: int
-    is_last: bool
-
-    @property
-    def length(self) -> int:
-        """Tokens in this scale's map."""
-        return self.h * self.w
-
-    @property
-    def end(self) -> int:
-        """Tokens of this and all earlier scales (the uncompressed prefix after this scale)."""
-        return self.start + self.length
-
-
-def make_scales(sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> tuple[Scale, ...]:
-    """Turn a schedule of ``(h, w)`` map sizes into :class:`Scale` records."""
-    scales, start = [], 0
-    for i, (h, w) in enumerate(sizes):
-        if h < 1 or w < 1:
-            raise ValueError(f"scale {i} has size {h}x{w}; expected positive sides")
-        scales.append(Scale(i, int(h), int(w), start, i == len(sizes) - 1))
-        start += h * w
-    return tuple(scales)
 
 
 @dataclass(frozen=True)

@@ -324,7 +324,7 @@ def _layout(pipe: Any, generate_kwargs: dict[str, Any]):
         try:
             return layout_of(rows=2, cond_rows=1)  # VAR: one schedule
         except TypeError:  # Infinity without a schedule: the one of its size argument
-            from ..models.schedules import schedule_for_size
+            from ..schedules import schedule_for_size
 
             schedule = schedule_for_size(*generate_kwargs.get("size", (1024, 1024)))
     else:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..cache.base import CacheLayout, KVCache, Scale, check_budget
+from ..cache.base import CacheLayout, KVCache, check_budget
 from ..cache.plan import average_capacity
+from ..schedules import Scale
 
 
 class AttentionStatsCache(KVCache):

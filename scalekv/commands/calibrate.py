@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     selection = {k: getattr(args, k) for k in ("grid", "kernel", "pooling") if getattr(args, k) is not None}
     if args.model in infinity_names():
-        from ..models.schedules import parse_size, schedule_for_size
+        from ..schedules import parse_size, schedule_for_size
 
         if not args.prompts or not args.t5:
             raise ValueError(f"{args.model!r} calibrates on prompts: give --prompts FILE and --t5 FOLDER")

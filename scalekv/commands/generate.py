@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 def run_infinity(args: argparse.Namespace) -> int:
     """Text-to-image with an Infinity model: PNGs (RGB) + stats.json."""
     from ..hub import default_sampling, load_pipeline
-    from ..models.schedules import parse_size, schedule_for_size
+    from ..schedules import parse_size, schedule_for_size
 
     if not args.prompt:
         raise ValueError(f"--prompt is required for {args.model!r}")

@@ -175,10 +175,10 @@ class EvalConfig:
         return read_prompts(self.prompts, self.n)
 
     def schedule(self):
-        """The :class:`~scalekv.models.schedules.ScaleSchedule` of ``size`` (None without a size)."""
+        """The :class:`~scalekv.schedules.ScaleSchedule` of ``size`` (None without a size)."""
         if self.size is None:
             return None
-        from ..models.schedules import parse_size, schedule_for_size
+        from ..schedules import parse_size, schedule_for_size
 
         if not isinstance(self.size, str):
             raise ValueError(f"size={self.size!r}: expected WIDTHxHEIGHT in pixels, e.g. 1024x1024")

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache.base import CacheLayout, KVCache, Scale, compute_dtype
+from ..cache.base import CacheLayout, KVCache, compute_dtype
 from ..checkpoint import CheckpointError
-from .schedules import ScaleSchedule
+from ..schedules import Scale, ScaleSchedule
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache.base import CacheLayout, KVCache, Scale, compute_dtype, make_scales
+from ..cache.base import CacheLayout, KVCache, compute_dtype
+from ..schedules import Scale, make_scales
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from scalekv.models.infinity import (
     map_infinity_keys,
     rope_positions,
 )
-from scalekv.models.schedules import ScaleSchedule, get_schedule
+from scalekv.schedules import ScaleSchedule, get_schedule
 
 MODEL_PREFIX = "Infinity"
 

@@ -1,4 +1,5 @@
-"""Infinity's scale schedules: the 15 aspect templates at 0.06M / 0.25M / 0.60M / 1M pixels.
+"""Scale schedules: the :class:`Scale` record every model and cache share, and Infinity's 15 aspect templates at
+0.06M / 0.25M / 0.60M / 1M pixels.
 
 A schedule is the list of token-map sizes ``(h, w)`` one image goes through, from ``1x1`` to the last map; the
 image is ``16 * h_last`` by ``16 * w_last`` pixels (the VAE stride; the 8B model's patchify VAE works on a grid twice
@@ -13,7 +14,38 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..cache.base import Scale, make_scales
+
+@dataclass(frozen=True)
+class Scale:
+    """One step of a next-scale schedule: the token map of side ``h`` x ``w`` that starts at ``start``."""
+
+    index: int
+    h: int
+    w: int
+    start: int
+    is_last: bool
+
+    @property
+    def length(self) -> int:
+        """Tokens in this scale's map."""
+        return self.h * self.w
+
+    @property
+    def end(self) -> int:
+        """Tokens of this and all earlier scales (the uncompressed prefix after this scale)."""
+        return self.start + self.length
+
+
+def make_scales(sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> tuple[Scale, ...]:
+    """Turn a schedule of ``(h, w)`` map sizes into :class:`Scale` records."""
+    scales, start = [], 0
+    for i, (h, w) in enumerate(sizes):
+        if h < 1 or w < 1:
+            raise ValueError(f"scale {i} has size {h}x{w}; expected positive sides")
+        scales.append(Scale(i, int(h), int(w), start, i == len(sizes) - 1))
+        start += h * w
+    return tuple(scales)
+
 
 VAE_STRIDE = 16  # pixels per token of the transformer grid
 
