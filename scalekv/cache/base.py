@@ -128,15 +128,23 @@ class KVCache:
     compresses = False
     clock = staticmethod(time.perf_counter)  # what compress_seconds is measured with (a benchmark may pick CPU time)
 
-    def __init__(self, budget: float = 1.0, *, store: Callable | None = None, timing: bool | None = None) -> None:
+    def __init__(
+        self,
+        budget: float = 1.0,
+        *,
+        store: Callable | None = None,
+        timing: bool | None = None,
+        kv_bits: int | None = None,
+        kv_group: int | None = None,
+    ) -> None:
         self.budget = check_budget(budget)
         if not self.compresses and self.budget != 1.0:
             raise ValueError(
                 f"budget={budget!r}: the {self.name!r} cache keeps every token, expected 1.0 "
                 "(pick a compressing policy)"
             )
-        self.store_class, self.timing = KVStore, None
-        self.configure(store=store, timing=timing)
+        self.store_class, self.timing, self.kv_bits, self.kv_group = KVStore, None, 16, None
+        self.configure(store=store, timing=timing, kv_bits=kv_bits, kv_group=kv_group)
         self.layout: CacheLayout | None = None
         self.store = None
         self.layers: list = []
@@ -146,13 +154,47 @@ class KVCache:
         self.scale_lengths: list[list[int]] = []
         self.scale_nbytes: list[list[int]] = []
 
-    def configure(self, *, store: Callable | None = None, timing: bool | None = None) -> KVCache:
-        """Set the storage class and the timing mode (every policy has them; ``make_cache`` passes them here)."""
+    def configure(
+        self,
+        *,
+        store: Callable | None = None,
+        timing: bool | None = None,
+        kv_bits: int | None = None,
+        kv_group: int | None = None,
+    ) -> KVCache:
+        """Set the storage and the timing mode (every policy has them; ``make_cache`` passes them here).
+
+        ``kv_bits``: 16 keeps K/V in the compute dtype (:class:`~scalekv.cache.store.KVStore`, the default); 8 or 4
+        carries them between scales quantised (:class:`~scalekv.cache.quant_store.QuantizedKVStore`), ``kv_group``
+        channels per group (default min(32, head_dim); checked against head_dim at reset). An explicit ``store``
+        cannot be combined with 8 or 4 bits."""
+        from .quant_store import QuantizedKVStore, check_kv_bits, group_size
+
         if store is not None and not callable(store):
             raise ValueError(f"store={store!r}: expected a store class such as scalekv.cache.KVStore")
         if timing is not None and not isinstance(timing, bool):
             raise ValueError(f"timing={timing!r}: expected True, False or None")
-        self.store_class = store if store is not None else self.store_class
+        if kv_bits is not None:
+            self.kv_bits = check_kv_bits(kv_bits)
+        if kv_group is not None:
+            group_size(kv_group, kv_group)  # a positive integer (divisibility is checked at reset)
+            self.kv_group = kv_group
+        if store is not None and self.kv_bits != 16:
+            raise ValueError(f"store={store!r} with kv_bits={self.kv_bits}: a custom store cannot be quantised")
+        if store is not None:
+            self.store_class = store
+        elif kv_bits is not None or kv_group is not None:
+            if self.kv_bits == 16:
+                if self.kv_group is not None:
+                    raise ValueError(f"kv_group={self.kv_group!r}: only with kv_bits 8 or 4")
+                self.store_class = KVStore
+            else:
+                bits, group = self.kv_bits, self.kv_group
+
+                def quantized(layout, held):
+                    return QuantizedKVStore(layout, held, bits=bits, group=group)
+
+                self.store_class = quantized
         self.timing = timing
         return self
 
