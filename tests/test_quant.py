@@ -151,3 +151,35 @@ def test_group_option_changes_bytes(pipe):
     _, c16 = _run(pipe, "full", kv_bits=8, kv_group=16)
     assert c16.store.group == 16 and c32.store.group == 32
     assert c16.store.token_bytes > c32.store.token_bytes
+
+
+def test_generate_kv_bits_4_on_the_demo_model_meets_the_memory_targets(tmp_path):
+    import json
+
+    from scalekv.cli import main
+
+    out = tmp_path / "q4"
+    args = ["generate", "--model", "demo", "--policy", "scalekv", "--budget", "0.1", "--labels", "0,1,2,3"]
+    assert main([*args, "--kv-bits", "4", "--out", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kv_bits"] == 4
+    assert stats["kv_history_ratio"] <= 0.015 and stats["kv_peak_ratio"] <= 0.10
+    assert main([*args, "--out", str(tmp_path / "q16")]) == 0
+    full = json.loads((tmp_path / "q16" / "stats.json").read_text())
+    assert full["kv_bits"] == 16 and full["kv_history_ratio"] > 4 * stats["kv_history_ratio"]
+    with pytest.raises(SystemExit):
+        main([*args, "--kv-bits", "3", "--out", str(tmp_path / "bad")])
+
+
+def test_demo_rows_take_kv_bits_and_keep_a_16_bit_reference():
+    from scalekv.commands.demo import run_demo
+    from scalekv.hub import default_sampling, load_pipeline
+
+    pipe = load_pipeline("demo")
+    rows = run_demo(pipe, [0, 1], 0, default_sampling("demo"), model="demo", weights=None, kv_bits=4)
+    full, rest = rows[0], rows[1:]
+    assert "kv_bits" not in full.options and full.stats["kv_history_ratio"] > 0.5
+    for r in rest:
+        assert r.options["kv_bits"] == 4 and "kv_bits=4" in r.label
+        assert r.stats["kv_history_ratio"] < 0.2 * r.budget  # 16 bits hold about 0.65 x budget on this model
+        assert 15 < r.psnr < 100
