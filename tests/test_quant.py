@@ -183,3 +183,44 @@ def test_demo_rows_take_kv_bits_and_keep_a_16_bit_reference():
         assert r.options["kv_bits"] == 4 and "kv_bits=4" in r.label
         assert r.stats["kv_history_ratio"] < 0.2 * r.budget  # 16 bits hold about 0.65 x budget on this model
         assert 15 < r.psnr < 100
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_channel_round_trip_handles_a_short_last_group(bits):
+    from scalekv.cache.quant_store import dequantize_channels, quantize_channels
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 45, 16, generator=g) * torch.linspace(0.1, 8, 16)  # outlier channels
+    codes, scale, zero = quantize_channels(x, bits, 32)
+    assert codes.shape == (2, 3, 45, 16 * bits // 8) and scale.shape == zero.shape == (2, 3, 2, 16)
+    y = dequantize_channels(codes, scale, zero, bits, torch.float32, 32)
+    step = scale.float().repeat_interleave(32, dim=-2)[:, :, :45]
+    assert ((y - x).abs() <= 0.5 * step + 2e-3 * x.abs().amax()).all()
+    # per channel, an outlier channel does not widen the other channels' steps, unlike per-token groups
+    tok = dequantize(*quantize(x, bits, 16), bits, torch.float32)
+    assert (y - x)[..., :4].abs().mean() < (tok - x)[..., :4].abs().mean()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_channel_keys_run_and_count_their_bytes(pipe, bits):
+    from scalekv.cache.quant_store import quant_bytes
+
+    ref, _ = _run(pipe, "snapkv")
+    gen, cache = _run(pipe, "snapkv", kv_bits=bits, kv_keys="channel")
+    store, lay = cache.store, cache.layout
+    assert store.keys == "channel" and torch.isfinite(gen.images).all()
+    assert psnr(gen.images, ref.images).mean().item() > (45 if bits == 8 else 30)
+    rh, d = lay.rows * lay.num_heads, lay.head_dim
+    for k, row in enumerate(cache.scale_lengths[:-1]):
+        # values per token (payload + scale + zero per 32 channels), keys payload + scale + zero per channel per
+        # started group of 32 tokens
+        expect = [rh * (n * (d * bits // 8 + 4 * (d // 32)) + n * d * bits // 8 + 4 * d * -(-n // 32)) for n in row]
+        assert cache.scale_nbytes[k] == expect
+        assert expect == [quant_bytes(n, lay.rows, lay.num_heads, d, bits, 32, "channel") for n in row]
+    fresh = QuantizedKVStore(lay, cache.held, bits=bits, keys="channel")
+    buffers = sum(t.numel() * t.element_size() for la in fresh.layers for t in (*la.codes, *la.scale, *la.zero))
+    assert store.allocated_bytes == buffers and store.peak_bytes == gen.stats()["kv_bytes_peak"]
+    with pytest.raises(ValueError, match="kv_keys='row'"):
+        make_cache("full", kv_bits=8, kv_keys="row")
+    with pytest.raises(ValueError, match="kv_keys='channel'"):
+        make_cache("full", kv_keys="channel")  # only with 8 or 4 bits
