@@ -224,3 +224,20 @@ def test_per_channel_keys_run_and_count_their_bytes(pipe, bits):
         make_cache("full", kv_bits=8, kv_keys="row")
     with pytest.raises(ValueError, match="kv_keys='channel'"):
         make_cache("full", kv_keys="channel")  # only with 8 or 4 bits
+
+
+@pytest.mark.parametrize("name", ["snapkv", "scalekv"])
+def test_infinity_runs_quantised(name):
+    from tests.test_infinity import random_text
+    from tests.test_infinity import tiny_pipeline as tiny_infinity
+    from tests.test_infinity_policies import SCHEDULE, policy_kwargs
+
+    pipe = tiny_infinity(vae_overrides=dict(base_ch=8, groups=8))
+    kwargs = policy_kwargs(name, pipe.model.cfg.depth)
+    text = random_text([3, 5])
+    ref = pipe.generate(text, schedule=SCHEDULE, top_k=1, cache=make_cache(name, **kwargs))
+    cache = make_cache(name, kv_bits=8, **kwargs)
+    gen = pipe.generate(text, schedule=SCHEDULE, top_k=1, cache=cache)
+    assert isinstance(cache.store, QuantizedKVStore) and torch.isfinite(gen.images).all()
+    assert gen.kv_bytes_history < 0.4 * ref.kv_bytes_history  # float32 compute: 8 bits + metadata is ~0.28
+    assert psnr(gen.images, ref.images).mean().item() > 25
