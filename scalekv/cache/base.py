@@ -97,15 +97,24 @@ class KVCache:
     compresses = False
     clock = staticmethod(time.perf_counter)  # what compress_seconds is measured with (a benchmark may pick CPU time)
 
-    def __init__(self, budget: float = 1.0, *, store: Callable | None = None, timing: bool | None = None) -> None:
+    def __init__(
+        self,
+        budget: float = 1.0,
+        *,
+        store: Callable | None = None,
+        timing: bool | None = None,
+        kv_bits: int | None = None,
+        kv_group: int | None = None,
+        kv_keys: str | None = None,
+    ) -> None:
         self.budget = check_budget(budget)
         if not self.compresses and self.budget != 1.0:
             raise ValueError(
                 f"budget={budget!r}: the {self.name!r} cache keeps every token, expected 1.0 "
                 "(pick a compressing policy)"
             )
-        self.store_class, self.timing = KVStore, None
-        self.configure(store=store, timing=timing)
+        self.store_class, self.timing, self.kv_bits, self.kv_group, self.kv_keys = KVStore, None, 16, None, "token"
+        self.configure(store=store, timing=timing, kv_bits=kv_bits, kv_group=kv_group, kv_keys=kv_keys)
         self.layout: CacheLayout | None = None
         self.store = None
         self.layers: list = []
@@ -115,13 +124,51 @@ class KVCache:
         self.scale_lengths: list[list[int]] = []
         self.scale_nbytes: list[list[int]] = []
 
-    def configure(self, *, store: Callable | None = None, timing: bool | None = None) -> KVCache:
-        """Set the storage class and the timing mode (every policy has them; ``make_cache`` passes them here)."""
+    def configure(
+        self,
+        *,
+        store: Callable | None = None,
+        timing: bool | None = None,
+        kv_bits: int | None = None,
+        kv_group: int | None = None,
+        kv_keys: str | None = None,
+    ) -> KVCache:
+        """Set the storage and the timing mode (every policy has them; ``make_cache`` passes them here).
+
+        ``kv_bits``: 16 keeps K/V in the compute dtype (:class:`~scalekv.cache.store.KVStore`, the default); 8 or 4
+        carries them between scales quantised (:class:`~scalekv.cache.quant_store.QuantizedKVStore`), ``kv_group``
+        channels per group (default min(32, head_dim); checked against head_dim at reset), ``kv_keys`` how keys are
+        grouped: ``"token"`` (default, along head_dim like values) or ``"channel"`` (``kv_group`` tokens per channel).
+        An explicit ``store`` cannot be combined with 8 or 4 bits."""
+        from .quant_store import QuantizedKVStore, check_kv_bits, check_kv_keys, group_size
+
         if store is not None and not callable(store):
             raise ValueError(f"store={store!r}: expected a store class such as scalekv.cache.KVStore")
         if timing is not None and not isinstance(timing, bool):
             raise ValueError(f"timing={timing!r}: expected True, False or None")
-        self.store_class = store if store is not None else self.store_class
+        if kv_bits is not None:
+            self.kv_bits = check_kv_bits(kv_bits)
+        if kv_group is not None:
+            group_size(kv_group, kv_group)  # a positive integer (divisibility is checked at reset)
+            self.kv_group = kv_group
+        if kv_keys is not None:
+            self.kv_keys = check_kv_keys(kv_keys)
+        if store is not None and self.kv_bits != 16:
+            raise ValueError(f"store={store!r} with kv_bits={self.kv_bits}: a custom store cannot be quantised")
+        if store is not None:
+            self.store_class = store
+        elif kv_bits is not None or kv_group is not None or kv_keys is not None:
+            if self.kv_bits == 16:
+                if self.kv_group is not None or self.kv_keys != "token":
+                    raise ValueError(f"kv_group={self.kv_group!r}, kv_keys={self.kv_keys!r}: only with kv_bits 8 or 4")
+                self.store_class = KVStore
+            else:
+                bits, group, keys = self.kv_bits, self.kv_group, self.kv_keys
+
+                def quantized(layout, held):
+                    return QuantizedKVStore(layout, held, bits=bits, group=group, keys=keys)
+
+                self.store_class = quantized
         self.timing = timing
         return self
 

@@ -61,6 +61,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_seeding_argument(p)
     p.add_argument(
+        "--kv-bits",
+        type=int,
+        default=16,
+        choices=(16, 8, 4),
+        help="bits per stored K/V value for every policy row: 16 (default, the compute dtype), 8 or 4 (quantised); "
+        "the full-cache reference row stays at 16",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -81,11 +89,20 @@ def cache_settings() -> list[tuple[str, float | None, dict]]:
 
 
 def run_demo(
-    pipe, labels, seed: int, sampling: dict, *, model: str, weights: str | None, seeding: str = "image"
+    pipe,
+    labels,
+    seed: int,
+    sampling: dict,
+    *,
+    model: str,
+    weights: str | None,
+    seeding: str = "image",
+    kv_bits: int = 16,
 ) -> list[DemoRow]:
     """Generate ``labels`` under every cache setting; the first row is the full cache (the reference). ``model``
     and ``weights`` (as given to ``load_pipeline``) locate ScaleKV's shipped plans; ``seeding`` is the
-    ``generate`` option (image ``i`` seeded ``seed + i``, or one generator for the batch)."""
+    ``generate`` option (image ``i`` seeded ``seed + i``, or one generator for the batch); ``kv_bits`` (8 or 4)
+    quantises the stored K/V of every policy row, the full-cache reference row staying at 16 bits."""
     from ..cache import make_cache
     from ..calibration.calibrate import calibrate
     from ..hub import policy_defaults
@@ -99,6 +116,8 @@ def run_demo(
             cache = make_cache(name)
         else:
             options = {**policy_defaults(model, name, budget, weights), **options}
+            if kv_bits != 16:
+                options["kv_bits"] = kv_bits
             source = Path(options["plan"]).name if "plan" in options else None
             if name == "scalekv" and source is None:
                 options["plan"] = calibrate(pipe, budget, samples=CALIBRATION_SAMPLES, model=model, **sampling)
@@ -189,7 +208,16 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.weights)
     sampling = default_sampling(args.model, args.weights)
     labels = list(DEMO_LABELS)
-    rows = run_demo(pipe, labels, args.seed, sampling, model=args.model, weights=args.weights, seeding=args.seeding)
+    rows = run_demo(
+        pipe,
+        labels,
+        args.seed,
+        sampling,
+        model=args.model,
+        weights=args.weights,
+        seeding=args.seeding,
+        kv_bits=args.kv_bits,
+    )
     from ..data import CLASSES
 
     titles = [CLASSES[i] if args.model == DEMO else str(i) for i in labels]

@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="full", help="cache policy name (see `scalekv plan` / README)")
     p.add_argument("--budget", type=float, default=None, help="KV budget fraction in (0, 1]")
     p.add_argument("--plan", help="ScaleKV plan JSON (for --policy scalekv)")
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        default=16,
+        choices=(16, 8, 4),
+        help="bits per stored K/V value carried between scales: 16 (default, the compute dtype), 8 or 4 (quantised)",
+    )
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, ...")
     p.add_argument(
         "--out",
@@ -89,6 +96,8 @@ def cache_from_args(args: argparse.Namespace, schedule=None):
         kwargs["budget"] = args.budget
     if args.plan:
         kwargs["plan"] = args.plan
+    if getattr(args, "kv_bits", 16) != 16:
+        kwargs["kv_bits"] = args.kv_bits
     return make_cache(args.policy, **kwargs)
 
 
@@ -176,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     stats = {
         "model": args.model,
         "policy": args.policy,
+        "kv_bits": args.kv_bits,
         "plan": args.plan,
         "labels": labels,
         **seeds,
@@ -222,6 +232,7 @@ def run_infinity(args: argparse.Namespace) -> int:
     stats = {
         "model": args.model,
         "policy": args.policy,
+        "kv_bits": args.kv_bits,
         "plan": args.plan,
         "prompts": args.prompt,
         "size": f"{width}x{height}",
