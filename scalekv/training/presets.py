@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..models.var import VARConfig
 from ..models.vqvae import VQVAEConfig
 from .common import OptimConfig
@@ -42,27 +44,14 @@ TOKENIZER_PRESETS: dict[str, VQVAEConfig] = {
     ),
 }
 
+# The demo model: deep enough for layers to specialise (the drafter/refiner question needs depth).
+_DEMO_VAR = VARConfig(
+    depth=16, embed_dim=128, num_heads=4, num_classes=10, vocab_size=512, z_channels=16, patch_nums=DEMO_PATCH_NUMS
+)
+
 VAR_TRAIN_PRESETS: dict[str, VARConfig] = {
-    # The shipped demo model: deep enough for layers to specialise (the drafter/refiner question needs depth).
-    "demo": VARConfig(
-        depth=16,
-        embed_dim=128,
-        num_heads=4,
-        num_classes=10,
-        vocab_size=512,
-        z_channels=16,
-        patch_nums=DEMO_PATCH_NUMS,
-    ),
-    # The first, 6-layer demo model (kept as ``demo-small``).
-    "demo-small": VARConfig(
-        depth=6,
-        embed_dim=128,
-        num_heads=2,
-        num_classes=10,
-        vocab_size=512,
-        z_channels=16,
-        patch_nums=DEMO_PATCH_NUMS,
-    ),
+    "demo": _DEMO_VAR,
+    "demo-small": replace(_DEMO_VAR, depth=6, num_heads=2),  # the first, 6-layer demo model
     "tiny": VARConfig(
         depth=2,
         embed_dim=64,
