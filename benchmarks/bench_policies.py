@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         return lambda: make_cache(name, budget=budget, **extra)
 
     # the full cache on the textbook concatenating store: what writing in place costs or saves
-    textbook = ("full (torch.cat store)", 1.0, lambda: KVCache(store=ConcatStore))
+    textbook = ("full (torch.cat store)", 1.0, lambda: KVCache().configure(store=ConcatStore))
     rows = [("full", 1.0, KVCache), textbook] + [(n, b, maker(n, b)) for b in budgets for n in policies]
     results: dict[tuple[str, float], dict] = {}
     for _ in range(args.repeat):  # interleave the repeats over all rows

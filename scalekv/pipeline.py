@@ -8,7 +8,7 @@ import torch
 
 from .cache.base import KVCache
 from .checkpoint import CheckpointError
-from .generation import Generation, GenerationLoop, ScaleRecord, check_sampling, make_generator, make_generators  # noqa: F401
+from .generation import Generation, GenerationLoop, check_sampling, make_generators
 from .models.var import VAR, VAR_PRESETS, VARConfig, load_var
 from .models.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig, load_vqvae
 from .sampling import sample_top_k_top_p

@@ -88,25 +88,15 @@ class KVCache:
     """The full KV cache: keeps every token. Policies subclass it and override ``capacity`` and ``select``.
 
     ``budget`` is the fraction of the prefix a policy keeps on average per layer (SPEC §4); the full cache accepts
-    only 1.0. Subclasses that compress set ``compresses = True``. ``store`` is the storage class (default
-    :class:`~scalekv.cache.store.KVStore`): called at every reset as ``store(layout, held)``. ``timing``: measure
-    ``compress_seconds``; by default only where it costs no device synchronisation (not on CUDA).
+    only 1.0. Subclasses that compress set ``compresses = True``. Storage (the store class, ``kv_bits``) and timing
+    are set by :meth:`configure`, for every policy alike (``make_cache(name, ..., store=..., kv_bits=...)``).
     """
 
     name = "full"
     compresses = False
     clock = staticmethod(time.perf_counter)  # what compress_seconds is measured with (a benchmark may pick CPU time)
 
-    def __init__(
-        self,
-        budget: float = 1.0,
-        *,
-        store: Callable | None = None,
-        timing: bool | None = None,
-        kv_bits: int | None = None,
-        kv_group: int | None = None,
-        kv_keys: str | None = None,
-    ) -> None:
+    def __init__(self, budget: float = 1.0) -> None:
         self.budget = check_budget(budget)
         if not self.compresses and self.budget != 1.0:
             raise ValueError(
@@ -114,7 +104,6 @@ class KVCache:
                 "(pick a compressing policy)"
             )
         self.store_class, self.timing, self.kv_bits, self.kv_group, self.kv_keys = KVStore, None, 16, None, "token"
-        self.configure(store=store, timing=timing, kv_bits=kv_bits, kv_group=kv_group, kv_keys=kv_keys)
         self.layout: CacheLayout | None = None
         self.store = None
         self.layers: list = []

@@ -167,17 +167,13 @@ def run(args: argparse.Namespace) -> int:
     labels = parse_labels(args.labels)
     seeds = seed_record(args.seed, len(labels), args.seeding)  # refuses seed + len(labels) - 1 >= 2**63 up front
     sampling = default_sampling(args.model, args.weights)  # the official VAR settings; the demo model's own
-    cfg = sampling["cfg"] if args.cfg is None else args.cfg
-    top_k = sampling["top_k"] if args.top_k is None else args.top_k
-    top_p = sampling["top_p"] if args.top_p is None else args.top_p
+    sampling = with_flags(sampling, args)
     cache = cache_from_args(args)
     pipe = load_pipeline(args.model, args.weights).to(args.device)
     gen = pipe.generate(
         labels,
         cache=cache,
-        cfg=cfg,
-        top_k=top_k,
-        top_p=top_p,
+        **sampling,
         seed=args.seed,
         greedy=args.greedy,
         seeding=args.seeding,
@@ -189,12 +185,15 @@ def run(args: argparse.Namespace) -> int:
         "plan": args.plan,
         "labels": labels,
         **seeds,
-        "cfg": cfg,
-        "top_k": top_k,
-        "top_p": top_p,
+        **sampling,
         "greedy": args.greedy,
     }
     return write_outputs(Path(args.out), gen, cache, stats, "images")
+
+
+def with_flags(sampling: dict, args: argparse.Namespace) -> dict:
+    """The model's sampling defaults with every flag the user gave (``--cfg``, ``--top-k``, ...) in their place."""
+    return {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in sampling.items()}
 
 
 def run_infinity(args: argparse.Namespace) -> int:
@@ -210,21 +209,14 @@ def run_infinity(args: argparse.Namespace) -> int:
         raise ValueError("--t5 FOLDER (a local flan-t5-xl) is required to encode --prompt")
     seeds = seed_record(args.seed, len(args.prompt), args.seeding)
     schedule = schedule_for_size(*parse_size(args.size))
-    sampling = default_sampling(args.model)  # the official Infinity settings
-    cfg = sampling["cfg"] if args.cfg is None else args.cfg
-    tau = sampling["tau"] if args.tau is None else args.tau
-    top_k = sampling["top_k"] if args.top_k is None else args.top_k
-    top_p = sampling["top_p"] if args.top_p is None else args.top_p
+    sampling = with_flags(default_sampling(args.model), args)  # the official Infinity settings, unless overridden
     cache = cache_from_args(args, schedule)
     pipe = load_pipeline(args.model, args.weights, vae=args.vae, t5=args.t5).to(args.device)
     gen = pipe.generate(
         args.prompt,
         schedule=schedule,
         cache=cache,
-        cfg=cfg,
-        tau=tau,
-        top_k=top_k,
-        top_p=top_p,
+        **sampling,
         seed=args.seed,
         seeding=args.seeding,
     )
@@ -238,9 +230,6 @@ def run_infinity(args: argparse.Namespace) -> int:
         "size": f"{width}x{height}",
         "schedule": {"template": schedule.template, "pixels": schedule.pixels, "sizes": schedule.sizes},
         **seeds,
-        "cfg": cfg,
-        "tau": tau,
-        "top_k": top_k,
-        "top_p": top_p,
+        **sampling,
     }
     return write_outputs(Path(args.out), gen, cache, stats, f"{width}x{height} images")

@@ -126,8 +126,8 @@ class EvalConfig:
             isinstance(v, dict) for v in self.policy_options.values()
         ):
             raise ValueError(f"policy_options={self.policy_options!r}: expected a mapping policy -> keyword mapping")
+        from ..generation import check_sampling
         from ..hub import INFINITY_SIZE, PROMPTS, default_sampling, input_kind
-        from ..pipeline import check_sampling
 
         sampling_keys = ["cfg", "top_k", "top_p"]
         if input_kind(self.model) == PROMPTS:

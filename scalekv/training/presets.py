@@ -29,19 +29,7 @@ _DEMO_TOKENIZER = VQVAEConfig(
 TOKENIZER_PRESETS: dict[str, VQVAEConfig] = {
     "demo": _DEMO_TOKENIZER,
     "demo-small": _DEMO_TOKENIZER,
-    "tiny": VQVAEConfig(
-        vocab_size=32,
-        z_channels=4,
-        ch=32,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        in_channels=1,
-        using_sa=False,
-        using_mid_sa=False,
-        share_quant_resi=2,
-        quant_resi=0.5,
-        patch_nums=TINY_PATCH_NUMS,
-    ),
+    "tiny": replace(_DEMO_TOKENIZER, vocab_size=32, z_channels=4, share_quant_resi=2, patch_nums=TINY_PATCH_NUMS),
 }
 
 # The demo model: deep enough for layers to specialise (the drafter/refiner question needs depth).

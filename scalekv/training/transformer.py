@@ -204,7 +204,7 @@ def export_demo(
     """Write ``var.safetensors``, ``vae.safetensors`` (decoder side only, float32) and ``config.json`` into ``out``:
     the folder :func:`scalekv.hub.load_pipeline` reads for ``"demo"``. ``sampling`` (``cfg``, ``top_k``,
     ``top_p``) is stored as the model's default sampling settings, which ``scalekv demo`` uses."""
-    from ..pipeline import check_sampling
+    from ..generation import check_sampling
 
     sampling = dict(sampling or {"cfg": 1.5, "top_k": 900, "top_p": 0.96})
     if sorted(sampling) != ["cfg", "top_k", "top_p"]:
