@@ -102,6 +102,7 @@ def release_keep(
 
 
 SELECTIONS = ("spec", "release")
+SCORINGS = ("mass", "logits")  # softmax attention mass (SPEC §5) or summed raw logits (the release)
 
 
 def check_selection_mode(selection: str) -> str:
@@ -111,7 +112,18 @@ def check_selection_mode(selection: str) -> str:
     return selection
 
 
+def check_scoring(scoring: str, selection: str = "spec") -> str:
+    """ScaleKV's ``scoring``: 'mass' or 'logits' under the 'spec' selection; the 'release' selection scores by
+    logits only. Returns it."""
+    if not isinstance(scoring, str) or scoring not in SCORINGS:
+        raise ValueError(f"scoring={scoring!r}: expected one of {', '.join(map(repr, SCORINGS))}")
+    if selection == "release" and scoring != "logits":
+        raise ValueError(f"scoring={scoring!r} with selection='release': the release scores by raw logits only")
+    return scoring
+
+
 DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_SELECTION = 4, 5, "spec"  # SPEC §5
+DEFAULT_SCORING = {"spec": "mass", "release": "logits"}
 DEFAULT_POOLING = {"spec": "avg", "release": "max"}  # SPEC §5; what the release is run with (infer_2b.py)
 
 
@@ -151,13 +163,15 @@ class ScaleKV(ScoredPolicy):
 
     * ``selection='spec'`` (SPEC §5): the window is the centre token of every cell of a ``grid`` x ``grid`` split
       of the map (:func:`grid_window`); every cached token is scored by the softmax attention of the window's
-      queries, summed and pooled (``pooling`` 'avg' or 'max', ``kernel``); the window is kept, then the top scores.
+      queries (``scoring='mass'``) or their raw logits (``'logits'``), summed and pooled (``pooling`` 'avg' or
+      'max', ``kernel``); the window is kept, then the top scores.
     * ``selection='release'``: the tokens the published ScaleKV code keeps given these queries and keys: its
       window (:func:`release_window`), raw logits summed without softmax, the window masked before and after the
       pooling, its top-k (:func:`release_keep`). Its pooling defaults to 'max', as the release is run.
 
-    ``selection``, ``grid``, ``kernel`` and ``pooling`` left out take the plan's ``selection`` settings (a
-    calibrated plan may carry those its calibration chose), else 'spec', 4, 5 and 'avg' ('max' for 'release').
+    ``selection``, ``grid``, ``kernel``, ``pooling`` and ``scoring`` left out take the plan's ``selection`` settings
+    (a calibrated plan carries those its calibration chose), else 'spec', 4, 5, 'avg' and 'mass' ('max' and
+    'logits' for 'release').
     """
 
     name = "scalekv"
@@ -172,6 +186,7 @@ class ScaleKV(ScoredPolicy):
         kernel: int | None = None,
         pooling: str | None = None,
         selection: str | None = None,
+        scoring: str | None = None,
         refiner_start: float = PAPER_REFINER_START,
         refiner_end: float = PAPER_REFINER_END,
     ) -> None:
@@ -202,6 +217,8 @@ class ScaleKV(ScoredPolicy):
         kernel = kernel if kernel is not None else chosen.get("kernel", DEFAULT_KERNEL)
         pooling = pooling if pooling is not None else chosen.get("pooling", DEFAULT_POOLING[selection])
         check_pooling(pooling, kernel)
+        scoring = scoring if scoring is not None else chosen.get("scoring", DEFAULT_SCORING[selection])
+        self.scoring = check_scoring(scoring, selection)
         self.fixed_plan = plan
         self.drafters = drafters
         self.grid = positive_int("grid", grid)
@@ -256,8 +273,11 @@ class ScaleKV(ScoredPolicy):
 
     def score(self, layer: int, scale: Scale, q: torch.Tensor, store: LayerKV) -> torch.Tensor:
         obs = q.index_select(2, self._window(scale, q.device))
-        mass = attention_mass(obs, store.k, self.layout.softmax_scale)
-        return pool_scores(mass, self.kernel, self.pooling)
+        if self.scoring == "logits":
+            scores = window_logit_sum(obs, store.k, self.layout.softmax_scale).float()
+        else:
+            scores = attention_mass(obs, store.k, self.layout.softmax_scale)
+        return pool_scores(scores, self.kernel, self.pooling)
 
     def forced(self, layer: int, scale: Scale, store: LayerKV, capacity: int) -> torch.Tensor:
         return self._window(scale, store.k.device) + (store.length - scale.length)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,10 @@ from ..cache.plan import (
     first_compressed_scale,
     rule_plan,
 )
+from ..cache.scalekv import DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAULT_SCORING, DEFAULT_SELECTION
 from .asi import COMBINES, asi, pick_drafters, standardise
+from .search import ImageFidelity, Row, Setting, score_baselines, search_record
+from .search import search as run_search
 from .stats import AttentionStatsCache
 
 # Defaults chosen from the ablations on the demo model (README, "Calibration"): see there for the numbers.
@@ -107,13 +111,14 @@ def collect_stats(
     head_chunk: int = 4,
     progress: bool = False,
     seeding: str = "image",
+    on_batch: Callable[[int, Any], None] | None = None,
 ) -> AttentionStats:
     """Run ``generate(batch, cache=..., seed=...)`` (a pipeline's ``generate`` with its sampling settings bound)
     over ``inputs`` (labels or prompts) in batches of ``batch_size`` and return the accumulated statistics. Under
     ``seeding="image"`` input ``j`` is seeded ``seed + j`` (``seed`` is then the list of its batch's seeds, so the
     images do not depend on ``batch_size``); under ``seeding="batch"`` batch ``i`` is seeded ``seed + i`` and
     ``generate`` also gets ``seeding="batch"``. K' is ``top_k`` tokens, or B of ``budget`` on the model's
-    schedule."""
+    schedule. ``on_batch(start, generation)``, if given, sees every batch's result (``start``: its first input)."""
     from ..checks import check_seeding
 
     check_seeding(seeding)
@@ -130,9 +135,11 @@ def collect_stats(
     for i, start in enumerate(starts):
         batch = list(inputs[start : start + batch_size])
         if seeding == "image":
-            generate(batch, cache=collector, seed=[seed + start + k for k in range(len(batch))])
+            gen = generate(batch, cache=collector, seed=[seed + start + k for k in range(len(batch))])
         else:
-            generate(batch, cache=collector, seed=seed + i, seeding="batch")
+            gen = generate(batch, cache=collector, seed=seed + i, seeding="batch")
+        if on_batch is not None:
+            on_batch(start, gen)
     current, topk = collector.means()
     schedule = tuple((s.h, s.w) for s in collector.layout.scales)
     return AttentionStats(schedule, collector.top_k, len(inputs), current, topk)
@@ -231,42 +238,73 @@ def default_inputs(num_classes: int, samples: int) -> list[int]:
     return [i % num_classes for i in range(samples)]
 
 
+CALIBRATION_SEED = 1_000_000_000  # input j is seeded CALIBRATION_SEED + j: never an evaluation image (seeds 0..n-1)
+
+
 def calibrate(
     pipe: Any,
     budget: float,
     inputs: Sequence[Any] | None = None,
     *,
     samples: int = 16,
-    combine: str = DEFAULT_COMBINE,
+    search: str = "fast",
+    combine: str | None = None,
     num_drafters: int | None = None,
-    refiner_start: float = PAPER_REFINER_START,
-    refiner_end: float = PAPER_REFINER_END,
+    refiner_start: float | None = None,
+    refiner_end: float | None = None,
+    selection: Mapping[str, Any] | None = None,
+    baselines: Mapping[str, Callable[[], Any]] | None = None,
     batch_size: int = 16,
-    seed: int = 1000,
+    seed: int = CALIBRATION_SEED,
     model: str = "",
     progress: bool = False,
     seeding: str = "image",
     **generate_kwargs: Any,
 ) -> Plan:
-    """Calibrate a ScaleKV plan for ``pipe`` at ``budget``.
+    """Calibrate a ScaleKV plan for ``pipe`` at ``budget``, its settings chosen by measurement.
+
+    One full-cache pass over ``inputs`` collects the ASI statistics and keeps its images. With ``search`` 'fast'
+    (the default) or 'full' the settings are then searched (:mod:`scalekv.calibration.search`) by the PSNR of
+    ScaleKV's images against those full-cache images, and every policy of ``baselines`` (name -> cache factory;
+    default: every registered policy but the full cache and ScaleKV, at ``budget``) is scored on the same images.
+    The plan records the chosen settings, the whole search table and the baselines' scores (``provenance
+    ["search"]``). ``search='off'`` makes the plan from the defaults without generating anything else.
+
+    ``combine``, ``num_drafters`` (N_d), ``refiner_start``/``refiner_end`` and the ``selection`` keys (selection,
+    grid, kernel, pooling, scoring) pin their setting: a pinned setting is not searched; one left out is searched,
+    or under 'off' takes its default (ASI product, N_d of :func:`default_num_drafters`, the paper's refiner
+    schedule, ScaleKV's default selection).
 
     ``inputs``: class labels (VAR) or prompts (Infinity); for a VAR pipeline they default to ``samples`` labels
     cycling over the classes (prompts must be given). ``generate_kwargs`` go to ``pipe.generate`` (sampling
-    settings, Infinity's ``schedule``). The seed defaults away from 0 so that calibration and evaluation images
-    differ; ``seeding`` is :func:`collect_stats`'s (input ``j`` seeded ``seed + j``, or batch ``i`` seeded
-    ``seed + i`` from one generator). Returns the plan; save it with :meth:`Plan.save`.
+    settings, Infinity's ``schedule``). Input ``j`` is seeded ``seed + j`` (the default seed lies beyond every
+    evaluation seed); ``seeding='batch'`` (batch ``i`` seeded ``seed + i`` from one generator) works with
+    ``search='off'`` only. Returns the plan; save it with :meth:`Plan.save`.
 
     Every argument is checked before the calibration pass. A budget whose B covers the whole prefix (e.g. 1.0)
     compresses no scale: the result is then the keep-everything plan, made without a calibration pass (there is
     nothing to choose), and it carries no statistics.
     """
+    from ..cache.plan import check_selection
     from ..checks import check_seed, check_seeding
+    from .search import check_mode
 
     budget = check_budget(budget)
     check_seeding(seeding)
-    if combine not in COMBINES:
+    check_mode(search)
+    if search != "off" and seeding != "image":
+        raise ValueError(f"seeding={seeding!r} with search={search!r}: the search needs per-image seeding ('image')")
+    if combine is not None and combine not in COMBINES:
         raise ValueError(f"combine={combine!r}: expected one of {COMBINES}")
-    check_refiner_schedule(refiner_start, refiner_end)
+    refiners = None
+    if refiner_start is not None or refiner_end is not None:
+        refiners = (
+            PAPER_REFINER_START if refiner_start is None else refiner_start,
+            PAPER_REFINER_END if refiner_end is None else refiner_end,
+        )
+        check_refiner_schedule(*refiners)
+    selection = dict(selection or {})
+    check_selection(selection)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
     if inputs is None:
@@ -297,21 +335,103 @@ def calibrate(
                 "seeding": seeding,
             }
             return dataclasses.replace(plan, provenance=provenance)
+    if baselines is None and search != "off":
+        baselines = default_baselines(budget)
+    started = time.perf_counter()
     bound = bound_generate(pipe.generate, generate_kwargs)
+    reference: list[torch.Tensor] = []
+
+    def keep_images(start: int, gen: Any) -> None:
+        from ..images import to_uint8
+
+        reference.append(to_uint8(gen.images))
+
     stats = collect_stats(
-        bound, inputs, budget=budget, batch_size=batch_size, seed=seed, progress=progress, seeding=seeding
+        bound,
+        inputs,
+        budget=budget,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        seeding=seeding,
+        on_batch=keep_images if search != "off" else None,
     )
     extra = {"seed": seed, "seeding": seeding, "generate": {k: v for k, v in generate_kwargs.items() if _is_plain(v)}}
-    return plan_from_stats(
-        stats,
-        budget,
-        combine=combine,
-        num_drafters=num_drafters,
-        refiner_start=refiner_start,
-        refiner_end=refiner_end,
-        model=model,
-        extra=extra,
+    pinned = {k: v for k, v in selection.items()}
+    for key, value in (("combine", combine), ("drafters", num_drafters), ("refiners", refiners)):
+        if value is not None:
+            pinned[key] = value
+
+    def make_plan(setting: Setting) -> Plan:
+        plan = plan_from_stats(
+            stats,
+            budget,
+            combine=setting.combine,
+            num_drafters=setting.drafters,
+            refiner_start=setting.refiners[0],
+            refiner_end=setting.refiners[1],
+            model=model,
+            extra=extra,
+        )
+        chosen = selection if search == "off" else setting.selection_settings()
+        return dataclasses.replace(plan, selection=chosen)
+
+    sel = selection.get("selection", DEFAULT_SELECTION)
+    start = Setting(
+        selection=sel,
+        grid=selection.get("grid", DEFAULT_GRID),
+        kernel=selection.get("kernel", DEFAULT_KERNEL),
+        pooling=selection.get("pooling", DEFAULT_POOLING[sel]),
+        scoring=selection.get("scoring", DEFAULT_SCORING[sel]),
+        refiners=refiners or (PAPER_REFINER_START, PAPER_REFINER_END),
+        drafters=num_drafters if num_drafters is not None else _default_drafters(stats, budget),
+        combine=combine or DEFAULT_COMBINE,
     )
+    if search == "off":
+        return make_plan(start)
+    from ..cache import make_cache
+
+    score = ImageFidelity(bound, inputs, torch.cat(reference), seed, batch_size)
+    report = None
+    if progress:
+
+        def report(row: Row) -> None:
+            print(f"  search: {row.psnr:6.2f} dB  {row.setting.to_dict()}", flush=True)
+
+    chosen, rows = run_search(
+        make_plan,
+        score,
+        lambda plan, setting: make_cache("scalekv", plan=plan),
+        mode=search,
+        start=start,
+        default_drafters=_default_drafters(stats, budget),
+        pinned=pinned,
+        progress=report,
+    )
+    scored = score_baselines(score, baselines)
+    record = search_record(
+        search, chosen, rows, scored, images=len(inputs), seconds=time.perf_counter() - started, pinned=pinned
+    )
+    plan = make_plan(chosen)
+    return dataclasses.replace(plan, provenance={**plan.provenance, "search": record})
+
+
+def default_baselines(budget: float) -> dict[str, Callable[[], Any]]:
+    """Every registered policy but the full cache and ScaleKV, at ``budget`` with its defaults."""
+    from ..cache import make_cache
+    from ..cache.registry import POLICIES
+
+    return {
+        name: (lambda name=name: make_cache(name, budget=budget))
+        for name in sorted(POLICIES)
+        if name not in ("full", "scalekv")
+    }
+
+
+def _default_drafters(stats: AttentionStats, budget: float) -> int:
+    scales = make_scales(stats.schedule)
+    compressed = _compressed_scales(scales, average_capacity(budget, scales))
+    return default_num_drafters(len(compressed), stats.num_layers) if stats.num_layers > 1 else 0
 
 
 def _layout(pipe: Any, generate_kwargs: dict[str, Any]):

@@ -8,11 +8,17 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..cache.plan import PAPER_REFINER_END, PAPER_REFINER_START
+    from ..cache.scalekv import SCORINGS, SELECTIONS
     from ..calibration.asi import COMBINES
-    from ..calibration.calibrate import DEFAULT_COMBINE, DEFAULT_DRAFTER_SHARE
+    from ..calibration.calibrate import CALIBRATION_SEED, DEFAULT_COMBINE, DEFAULT_DRAFTER_SHARE
+    from ..calibration.search import SEARCH_MODES
     from .generate import add_seeding_argument
 
-    p = sub.add_parser("calibrate", help="calibrate a ScaleKV plan (drafters and capacities) from attention")
+    p = sub.add_parser(
+        "calibrate",
+        help="calibrate a ScaleKV plan (drafters, capacities, selection) from attention, its settings searched by "
+        "fidelity to the full cache",
+    )
     p.add_argument("--model", required=True, help="model name, e.g. demo, var-d16, infinity-2b")
     p.add_argument("--weights", help="folder with the model's checkpoint files")
     p.add_argument("--vae", help="Infinity: the BSQ-VAE file")
@@ -31,36 +37,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed",
         type=int,
-        default=1000,
+        default=CALIBRATION_SEED,
         help="calibration seed in [0, 2**63): image j is seeded seed + j (under --seeding batch, batch i seed + i); "
-        "default 1000, away from eval seeds",
+        f"default {CALIBRATION_SEED}, beyond every evaluation image's seed",
+    )
+    p.add_argument(
+        "--search",
+        choices=SEARCH_MODES,
+        default="fast",
+        help="how ScaleKV's settings are chosen: by the PSNR of its calibration images against the full cache's, "
+        "one coordinate-descent pass (fast, the default) or passes over wider values until nothing moves (full); "
+        "off takes the defaults. Every flag below that is given pins its setting (not searched)",
     )
     add_seeding_argument(p)
-    p.add_argument("--combine", choices=COMBINES, default=DEFAULT_COMBINE, help=f"ASI (default {DEFAULT_COMBINE})")
+    p.add_argument("--combine", choices=COMBINES, help=f"ASI combination (searched; default {DEFAULT_COMBINE})")
     p.add_argument(
         "--drafters",
         type=int,
         default=None,
-        help=f"N_d, drafter (scale, layer) pairs (default {DEFAULT_DRAFTER_SHARE * 100:.0f}%% of the compressed pairs, "
-        "at least one per compressed scale)",
+        help=f"N_d, drafter (scale, layer) pairs (searched around the default: {DEFAULT_DRAFTER_SHARE * 100:.0f}%% of "
+        "the compressed pairs, at least one per compressed scale)",
     )
     p.add_argument(
         "--refiner-start",
         type=float,
-        default=PAPER_REFINER_START,
-        help="refiners at the first compressed "
-        f"scale, as a fraction of B (default {PAPER_REFINER_START:.3f}, the paper's 600/650)",
+        help="refiners at the first compressed scale, as a fraction of B (searched; default "
+        f"{PAPER_REFINER_START:.3f}, the paper's 600/650)",
     )
     p.add_argument(
         "--refiner-end",
         type=float,
-        default=PAPER_REFINER_END,
-        help="refiners at the last compressed "
-        f"scale, as a fraction of B (default {PAPER_REFINER_END:.3f}, the paper's 320/650)",
+        help="refiners at the last compressed scale, as a fraction of B (searched; default "
+        f"{PAPER_REFINER_END:.3f}, the paper's 320/650)",
     )
-    p.add_argument("--grid", type=int, help="record ScaleKV's observation grid in the plan (default: SPEC's 4)")
-    p.add_argument("--kernel", type=int, help="record ScaleKV's pooling kernel in the plan (default: SPEC's 5)")
-    p.add_argument("--pooling", choices=("avg", "max"), help="record ScaleKV's pooling in the plan (default avg)")
+    p.add_argument(
+        "--selection", choices=SELECTIONS, help="ScaleKV's token selection: SPEC's or the release's (searched)"
+    )
+    p.add_argument("--grid", type=int, help="ScaleKV's observation grid (searched; default SPEC's 4)")
+    p.add_argument("--kernel", type=int, help="ScaleKV's pooling kernel, odd (searched; default SPEC's 5)")
+    p.add_argument("--pooling", choices=("avg", "max"), help="ScaleKV's pooling (searched; default avg)")
+    p.add_argument(
+        "--scoring", choices=SCORINGS, help="ScaleKV's scores: softmax mass or raw logits (searched; default mass)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -111,7 +129,9 @@ def check_args(args: argparse.Namespace) -> Path:
     if args.drafters is not None and args.drafters < 0:
         raise ValueError(f"--drafters {args.drafters}: expected a number of drafter pairs >= 0")
     check_refiners(args.refiner_start, args.refiner_end)
-    check_selection({k: getattr(args, k) for k in ("grid", "kernel", "pooling") if getattr(args, k) is not None})
+    check_selection(selection_flags(args))
+    if args.search != "off" and args.seeding != "image":
+        raise ValueError(f"--seeding {args.seeding} with --search {args.search}: the search needs --seeding image")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
     check_device(args.device, "--device")
@@ -125,14 +145,23 @@ def _seed_count(args: argparse.Namespace, inputs: int) -> int:
     return inputs if args.seeding == "image" else -(-inputs // args.batch_size)
 
 
-def check_refiners(start: float, end: float) -> None:
-    from ..cache.plan import check_refiner_schedule
+def selection_flags(args: argparse.Namespace) -> dict:
+    from ..cache.plan import SELECTION_KEYS
 
+    return {k: getattr(args, k) for k in SELECTION_KEYS if getattr(args, k) is not None}
+
+
+def check_refiners(start: float | None, end: float | None) -> None:
+    from ..cache.plan import PAPER_REFINER_END, PAPER_REFINER_START, check_refiner_schedule
+
+    if start is None and end is None:
+        return
+    start = PAPER_REFINER_START if start is None else start
+    end = PAPER_REFINER_END if end is None else end
     check_refiner_schedule(start, end, "--refiner-start", "--refiner-end")
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
 
     import torch
 
@@ -144,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
     out = check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    selection = {k: getattr(args, k) for k in ("grid", "kernel", "pooling") if getattr(args, k) is not None}
     if args.model in infinity_names():
         from ..schedules import parse_size, schedule_for_size
 
@@ -166,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
         args.budget,
         inputs,
         samples=args.samples,
+        search=args.search,
+        selection=selection_flags(args),
+        baselines=baseline_caches(args, generate_kwargs.get("schedule")),
         combine=args.combine,
         num_drafters=args.drafters,
         refiner_start=args.refiner_start,
@@ -177,8 +208,6 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
         **generate_kwargs,
     )
-    if selection:
-        plan = dataclasses.replace(plan, selection=selection)
     plan.save(out)
     written = [out]
     if not plan.compressed_scales:
@@ -196,5 +225,25 @@ def run(args: argparse.Namespace) -> int:
         f"calibrated {args.model} at budget {plan.budget:g} (B = {plan.average_capacity:g} tokens per layer) on "
         f"{plan.provenance['statistics']['samples']} samples; drafters per scale {drafters}"
     )
+    if "search" in plan.provenance:
+        from .plan import search_lines
+
+        print("\n".join(search_lines(plan.provenance["search"], top=3)))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def baseline_caches(args: argparse.Namespace, schedule) -> dict | None:
+    """What the search scores ScaleKV against: every registered policy but the full cache and ScaleKV, with the
+    files the model ships for it (a policy that needs a file the model lacks is recorded as skipped)."""
+    if args.search == "off":
+        return None
+    from ..cache import make_cache
+    from ..cache.registry import POLICIES
+    from ..hub import with_policy_defaults
+
+    def factory(name: str):
+        options = with_policy_defaults({}, args.model, name, args.budget, args.weights, schedule)
+        return lambda: make_cache(name, budget=args.budget, **options)
+
+    return {name: factory(name) for name in sorted(POLICIES) if name not in ("full", "scalekv")}

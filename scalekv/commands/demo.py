@@ -120,8 +120,10 @@ def run_demo(
                 options["kv_bits"] = kv_bits
             source = Path(options["plan"]).name if "plan" in options else None
             if name == "scalekv" and source is None:
-                options["plan"] = calibrate(pipe, budget, samples=CALIBRATION_SAMPLES, model=model, **sampling)
-                source = f"calibrated now on {CALIBRATION_SAMPLES} images (no plan ships with this model)"
+                options["plan"] = calibrate(
+                    pipe, budget, samples=CALIBRATION_SAMPLES, model=model, search="off", **sampling
+                )
+                source = f"calibrated now on {CALIBRATION_SAMPLES} images, default settings (no plan ships)"
             cache = make_cache(name, budget=budget, **options)
             if source is not None:  # the row records where the plan came from
                 options = {**options, "plan": source}
@@ -160,6 +162,8 @@ def grid_image(rows: list[DemoRow], col_titles: list[str], zoom: int = 4):
     """One PIL image: a title column with each row's label, then the row's images upscaled ``zoom`` times."""
     from PIL import Image, ImageDraw
 
+    from ..images import to_uint8_hwc
+
     b, _, h, w = rows[0].images.shape
     cell_h, cell_w, pad, left, top = h * zoom, w * zoom, 2, 190, 16
     canvas = Image.new("RGB", (left + b * (cell_w + pad), top + len(rows) * (cell_h + pad)), "white")
@@ -171,7 +175,7 @@ def grid_image(rows: list[DemoRow], col_titles: list[str], zoom: int = 4):
         draw.text((4, y + cell_h // 2 - 12), r.label, fill="black")
         if r.budget is not None:
             draw.text((4, y + cell_h // 2 + 2), f"PSNR {r.psnr:.1f} dB SSIM {r.ssim:.2f}", fill="gray")
-        arr = r.images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = to_uint8_hwc(r.images)
         for j, a in enumerate(arr):
             tile = Image.fromarray(a).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (left + j * (cell_w + pad), y))

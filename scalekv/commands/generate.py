@@ -6,9 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -121,15 +119,9 @@ def check_out(path) -> Path:
 
 def png_images(images: torch.Tensor, prefix: str = "") -> dict[str, bytes]:
     """(B, 3, H, W) images in [0, 1] as PNG files: name (``0000.png``, ...) -> bytes."""
-    import io
+    from ..images import png_bytes
 
-    files = {}
-    arr = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i, a in enumerate(arr):
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
-        files[f"{prefix}{i:04d}.png"] = buf.getvalue()
-    return files
+    return {f"{prefix}{i:04d}.png": data for i, data in enumerate(png_bytes(images))}
 
 
 def write_outputs(out: Path, gen, cache, stats: dict, what: str) -> int:

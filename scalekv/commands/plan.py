@@ -113,6 +113,42 @@ def _origin(info: dict[str, Any]) -> list[str]:
     if info["selection"]:
         settings = (str(v) if k == "selection" else f"{k} {v}" for k, v in info["selection"].items())
         lines.append("selection: " + ", ".join(settings))
+    if isinstance(prov.get("search"), dict):
+        lines += search_lines(prov["search"])
+    return lines
+
+
+def _setting_text(row: dict[str, Any]) -> str:
+    start, end = row["refiners"]
+    scoring = "" if row["selection"] == "release" else f" {row['scoring']}"
+    return (
+        f"{row['selection']}{scoring} grid {row['grid']} kernel {row['kernel']} {row['pooling']}, "
+        f"refiners {start:.3g}->{end:.3g}, N_d {row['drafters']}, ASI {row['combine']}"
+    )
+
+
+def search_lines(record: dict[str, Any], top: int | None = None) -> list[str]:
+    """How a searched plan was chosen: its setting and score, the search table (best first; ``top`` rows, or all),
+    and every baseline's score on the same images."""
+    chosen = record["chosen"]
+    pinned = f", pinned: {', '.join(record['pinned'])}" if record.get("pinned") else ""
+    lines = [
+        f"search ({record['mode']}, {len(record['table'])} settings on {record['images']} calibration images, "
+        f"{record['seconds']:g} s{pinned}): chosen {_setting_text(chosen)}: {chosen['psnr']:.2f} dB, "
+        f"SSIM {chosen['ssim']:.4f} against the full cache",
+    ]
+    table = sorted(record["table"], key=lambda r: -r["psnr"])
+    shown = table if top is None else table[:top]
+    lines += [f"  {r['psnr']:6.2f} dB  {r['ssim']:.4f}  {_setting_text(r)}" for r in shown]
+    if len(shown) < len(table):
+        lines.append(f"  ... {len(table) - len(shown)} more (scalekv plan show)")
+    scored = sorted((b for b in record["baselines"] if "psnr" in b), key=lambda b: -b["psnr"])
+    if scored:
+        lines.append(
+            "baselines at the same budget, same images: "
+            + ", ".join(f"{b['policy']} {b['psnr']:.2f} dB" for b in scored)
+        )
+    lines += [f"  {b['policy']}: skipped ({b['skipped']})" for b in record["baselines"] if "skipped" in b]
     return lines
 
 

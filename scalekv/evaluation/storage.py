@@ -93,11 +93,10 @@ class RunFolder:
 
     def save_images(self, setup: str, indices: list[int], images: torch.Tensor) -> None:
         """Save ``images`` ``(B, 3, H, W)`` float in [0, 1] as uint8 PNGs named by ``indices``."""
-        arr = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for index, a in zip(indices, arr, strict=True):
-            buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
-            atomic_write_bytes(self.image_path(setup, index), buf.getvalue())
+        from ..images import png_bytes
+
+        for index, data in zip(indices, png_bytes(images), strict=True):
+            atomic_write_bytes(self.image_path(setup, index), data)
 
     def load_images(self, setup: str, indices: list[int]) -> torch.Tensor:
         """Read the PNGs of ``indices`` as uint8 ``(B, 3, H, W)``."""

@@ -14,12 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-
-def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-    """``(N, 1 or 3, H, W)`` float in [0, 1] -> ``(N, 3, H, W)`` uint8."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return images.clamp(0, 1).mul(255).round().to(torch.uint8)
+from ..images import to_uint8, to_uint8_hwc
 
 
 class Inception:
@@ -63,7 +58,7 @@ def reference_features(inc: Inception, images: torch.Tensor, cache: str | Path |
                 f"{str(cache)!r} holds features of shape {feats.shape}, expected ({images.shape[0]}, 2048)"
             )
         return feats
-    feats = inc.features(to_uint8_rgb(images.add(1).div(2)), desc="inception (test split)")
+    feats = inc.features(to_uint8(images.add(1).div(2)), desc="inception (test split)")
     if cache is not None:
         tmp = Path(str(cache) + ".tmp.npy")
         np.save(tmp, feats)
@@ -89,7 +84,7 @@ def save_grid(images: torch.Tensor, rows: int, path: str | Path, zoom: int = 3) 
 
     n, _, h, w = images.shape
     cols = n // rows
-    arr = to_uint8_rgb(images).permute(0, 2, 3, 1).numpy()
+    arr = to_uint8_hwc(images)
     canvas = Image.new("RGB", (cols * (w * zoom + 2), rows * (h * zoom + 2)), "white")
     for k in range(rows * cols):
         tile = Image.fromarray(arr[k]).resize((w * zoom, h * zoom), Image.NEAREST)
@@ -136,6 +131,6 @@ def evaluate_demo(
         save_grid(pick, num_classes, grid)
     inc = Inception()
     real = reference_features(inc, test[:ref_images], ref_cache)
-    fake = inc.features(to_uint8_rgb(images), desc="inception (samples)")
+    fake = inc.features(to_uint8(images), desc="inception (samples)")
     report.update({"fid": round(inc.fid(real, fake), 2), "fid_samples": samples, "fid_ref_images": ref_images})
     return report
