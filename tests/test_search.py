@@ -56,8 +56,8 @@ def test_the_chosen_setting_is_the_best_row_of_its_table_and_the_plan_uses_it(se
 def test_the_recorded_scores_are_what_the_plan_gives(pipe, searched):
     """Regenerating the calibration images with the saved plan gives the recorded PSNR of the chosen row."""
     from scalekv.cache import make_cache
-    from scalekv.evaluation.metrics import psnr_ssim
     from scalekv.images import to_uint8
+    from scalekv.metrics import psnr_ssim
 
     labels, seeds = [0, 1], [11, 12]
     full = to_uint8(pipe.generate(labels, seed=seeds, top_k=10).images)

@@ -182,8 +182,8 @@ class ImageFidelity:
         self.generations = 0  # how many caches were scored
 
     def __call__(self, make_cache: Callable[[], Any]) -> tuple[np.ndarray, np.ndarray]:
-        from ..evaluation.metrics import psnr_ssim
         from ..images import to_uint8
+        from ..metrics import psnr_ssim
 
         psnr, ssim = [], []
         for start in range(0, len(self.inputs), self.batch_size):

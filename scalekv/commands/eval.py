@@ -149,7 +149,7 @@ def check_out(path, flag: str = "--out"):
 def run(args: argparse.Namespace) -> int:
     from ..checks import check_device
     from ..evaluation import run_eval
-    from ..evaluation.metrics import MissingExtra
+    from ..metrics import MissingExtra
 
     if args.out is not None:  # before the settings are read (they may name a model to check)
         check_out(args.out)

@@ -117,7 +117,7 @@ class EvalConfig:
         if self.lpips is True:
             self.lpips = "lpips-alex"
         if self.lpips is not None:
-            from .metrics import LPIPS_AUTO, LPIPS_NAMES, LPIPS_SPECS
+            from ..metrics import LPIPS_AUTO, LPIPS_NAMES, LPIPS_SPECS
 
             known = isinstance(self.lpips, str) and (self.lpips in LPIPS_NAMES or self.lpips == LPIPS_AUTO)
             if not known and not (isinstance(self.lpips, str) and Path(self.lpips).is_file()):
@@ -240,7 +240,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         import yaml
     except ImportError as e:
-        from .metrics import MissingExtra
+        from ..metrics import MissingExtra
 
         raise MissingExtra(f"--config needs pyyaml (pip install 'scalekv[eval]' or pyyaml): {e}") from e
 

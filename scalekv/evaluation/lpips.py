@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import MissingExtra
+from ..metrics import MissingExtra
 
 NETS = ("alex", "vgg")
 VARIANTS = ("lpips", "stlpips")

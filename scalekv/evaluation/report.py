@@ -101,7 +101,7 @@ def check_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
-        from .metrics import MissingExtra
+        from ..metrics import MissingExtra
 
         raise MissingExtra(f"the plots need matplotlib (pip install 'scalekv[eval]' or matplotlib): {e}") from e
 

