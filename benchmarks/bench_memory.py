@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from scalekv.atomic import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(line, flush=True)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(args.json_out, json.dumps(rows, indent=1) + "\n")
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from scalekv.atomic import atomic_write_text
 from scalekv.cache import POLICIES, make_cache
 from scalekv.calibration.calibrate import bound_generate, collect_stats, default_inputs, plan_from_stats
 from scalekv.hub import default_sampling, load_pipeline
@@ -143,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        out.with_suffix(".json").write_text(json.dumps({"base": BASE, "args": vars(args), "rows": results}, indent=1))
+        atomic_write_text(out, text + "\n")
+        atomic_write_text(
+            out.with_suffix(".json"), json.dumps({"base": BASE, "args": vars(args), "rows": results}, indent=1)
+        )
     return 0
 
 

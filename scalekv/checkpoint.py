@@ -138,9 +138,8 @@ def save_state_file(
     state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (a temporary file renamed into place)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    from .atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata))

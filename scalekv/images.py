@@ -32,3 +32,17 @@ def png_bytes(images: torch.Tensor) -> list[bytes]:
         Image.fromarray(a).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+def save_figure(fig, path, dpi: int = 110, tight: bool = False):
+    """Write a matplotlib figure as a PNG atomically (rendered in memory, then renamed into place) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

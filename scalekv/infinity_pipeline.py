@@ -266,7 +266,9 @@ def read_custom_config(folder: Path) -> tuple[InfinityConfig, BSQVAEConfig]:
 
 def write_custom_config(folder: Path, cfg: InfinityConfig, vae_cfg: BSQVAEConfig) -> None:
     vae = {k: v for k, v in vae_cfg.__dict__.items() if k != "with_encoder"}
-    (folder / CUSTOM_CONFIG).write_text(json.dumps({"infinity": cfg.to_json(), "vae": vae}, indent=1))
+    from .atomic import atomic_write_text
+
+    atomic_write_text(folder / CUSTOM_CONFIG, json.dumps({"infinity": cfg.to_json(), "vae": vae}, indent=1))
 
 
 def _find(folder: Path, names: list[str]) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cache.plan import Plan
+from ..images import save_figure
 from .calibrate import plan_statistics
 
 
@@ -49,7 +50,7 @@ def plot_asi(plan: Plan, path: str | Path) -> Path:
     combine = plan.provenance.get("combine", "?")
     ax.set_title(f"ASI ({combine}); red = drafter, pale = not compressed; budget {plan.budget:g}", fontsize=8)
     fig.colorbar(image, ax=ax, label="ASI (high = refiner)")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_capacities(plan: Plan, path: str | Path) -> Path:
@@ -69,21 +70,7 @@ def plot_capacities(plan: Plan, path: str | Path) -> Path:
     ax.set_ylabel("tokens kept")
     ax.set_title(f"capacities per layer and scale; budget {plan.budget:g}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG atomically (rendered in memory, then :func:`scalekv.atomic.atomic_write_bytes`)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_plan(plan: Plan, plan_path: str | Path) -> list[Path]:

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .storage import RunFolder, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..images import save_figure
+from .storage import RunFolder, atomic_write_json, atomic_write_text
 
 COLUMNS = [
     "policy",
@@ -106,12 +107,6 @@ def check_plotting() -> None:
         raise MissingExtra(f"the plots need matplotlib (pip install 'scalekv[eval]' or matplotlib): {e}") from e
 
 
-def _savefig(fig, path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_fidelity(rows: Sequence[dict[str, Any]], path) -> None:
     """Fidelity (PSNR, SSIM, and LPIPS/FID when measured) against peak KV bytes per image, one line a policy."""
     import matplotlib
@@ -137,8 +132,7 @@ def plot_fidelity(rows: Sequence[dict[str, Any]], path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Fidelity against the full cache vs peak KV memory")
-    _savefig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, tight=True)
 
 
 def plot_time(rows: Sequence[dict[str, Any]], path) -> None:
@@ -159,8 +153,7 @@ def plot_time(rows: Sequence[dict[str, Any]], path) -> None:
     ax.set_ylabel("time per image (ms)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _savefig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, tight=True)
 
 
 def grid_image(folder: RunFolder, names: list[str], indices: list[int], path) -> None:
@@ -184,8 +177,7 @@ def grid_image(folder: RunFolder, names: list[str], indices: list[int], path) ->
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
             if r == 0:
                 ax.set_title(f"#{indices[c]}", fontsize=7)
-    _savefig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, tight=True)
 
 
 def write_reports(folder: RunFolder, rows: list[dict[str, Any]], setups, config) -> None:

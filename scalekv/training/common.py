@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +95,9 @@ class Run:
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds}
         if extra is not None:
             state["extra"] = extra
-        tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt)
+        from ..atomic import atomic_write
+
+        atomic_write(self.ckpt, lambda f: torch.save(state, f))
 
     def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float, dict | None]:
         """Load ``last.pt`` if present; returns (next step, training seconds so far, extra state)."""

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import atomic_write
 from ..images import to_uint8, to_uint8_hwc
 from ..metrics import InceptionFeatures, frechet_distance
 
 
 def reference_features(inc: InceptionFeatures, images: torch.Tensor, cache: str | Path | None = None) -> np.ndarray:
     """Inception features ``(N, 2048)`` of real images ``(N, 1, H, W)`` in [-1, 1], kept in ``cache`` (.npy)."""
-    import os
 
     if cache is not None and Path(cache).is_file():
         feats = np.load(cache)
@@ -32,9 +32,7 @@ def reference_features(inc: InceptionFeatures, images: torch.Tensor, cache: str 
         return feats
     feats = inc(to_uint8(images.add(1).div(2)), desc="inception (test split)")
     if cache is not None:
-        tmp = Path(str(cache) + ".tmp.npy")
-        np.save(tmp, feats)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda f: np.save(f, feats))
     return feats
 
 
@@ -50,7 +48,6 @@ def generate_per_class(pipe, per_class: int, num_classes: int, batch_size: int, 
 
 def save_grid(images: torch.Tensor, rows: int, path: str | Path, zoom: int = 3) -> None:
     """Write ``images`` ``(rows * cols, 3, H, W)`` in [0, 1] as one PNG, row-major, upscaled ``zoom`` times."""
-    import os
 
     from PIL import Image
 
@@ -61,10 +58,7 @@ def save_grid(images: torch.Tensor, rows: int, path: str | Path, zoom: int = 3) 
     for k in range(rows * cols):
         tile = Image.fromarray(arr[k]).resize((w * zoom, h * zoom), Image.NEAREST)
         canvas.paste(tile, ((k % cols) * (w * zoom + 2), (k // cols) * (h * zoom + 2)))
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def evaluate_demo(

@@ -9,7 +9,6 @@ tokens of :meth:`VAR.forward` under the block-causal mask.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -111,9 +110,9 @@ def _tokens_for(run: Run, vae: VQVAE, images: torch.Tensor) -> torch.Tensor:
             return saved["tokens"]
         raise ValueError(f"{str(path)!r} was made with another tokenizer or data set; use a new --run folder")
     tokens = tokenize(vae, images)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "tokens": tokens}, tmp)
-    os.replace(tmp, path)
+    from ..atomic import atomic_write
+
+    atomic_write(path, lambda f: torch.save({"key": key, "tokens": tokens}, f))
     return tokens
 
 
