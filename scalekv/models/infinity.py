@@ -28,6 +28,7 @@ from torch import nn
 from ..cache.base import CacheLayout, KVCache, compute_dtype
 from ..checkpoint import CheckpointError
 from ..schedules import Scale, ScaleSchedule
+from .layers import FFN
 
 
 @dataclass(frozen=True)
@@ -298,16 +299,6 @@ class TextAttentivePool(nn.Module):
     def forward(self, text: torch.Tensor, lens: torch.Tensor, bf16: bool) -> torch.Tensor:
         """Compact normalised text (N, Ct5) -> one vector per sample (B, D)."""
         return self.ca(None, self.ca.text_kv(text, lens, bf16), bf16).squeeze(1)
-
-
-class FFN(nn.Module):
-    def __init__(self, c: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(c, hidden)
-        self.fc2 = nn.Linear(hidden, c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class CrossAttnBlock(nn.Module):

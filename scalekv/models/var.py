@@ -16,6 +16,7 @@ from torch import nn
 
 from ..cache.base import CacheLayout, KVCache, compute_dtype
 from ..schedules import Scale, make_scales
+from .layers import FFN
 
 
 @dataclass(frozen=True)
@@ -106,16 +107,6 @@ class SelfAttention(nn.Module):
         if cache is not None:
             cache.compress(self.layer, scale, q)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class FFN(nn.Module):
-    def __init__(self, c: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(c, hidden)
-        self.fc2 = nn.Linear(hidden, c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class AdaLNBlock(nn.Module):
