@@ -44,7 +44,9 @@ def test_the_chosen_setting_is_the_best_row_of_its_table_and_the_plan_uses_it(se
     best = max(table, key=lambda r: r["psnr"])
     assert record["chosen"]["psnr"] == best["psnr"]
     chosen = record["chosen"]
-    assert searched.selection == {k: chosen[k] for k in ("selection", "grid", "kernel", "pooling", "scoring")}
+    assert searched.selection == {
+        k: chosen[k] for k in ("selection", "grid", "kernel", "pooling", "scoring", "keep_window")
+    }
     prov = searched.provenance
     assert [prov["refiner_start"], prov["refiner_end"]] == chosen["refiners"]
     assert prov["num_drafters"] == chosen["drafters"] and prov["combine"] == chosen["combine"]
@@ -173,6 +175,8 @@ def test_coordinate_descent_moves_only_to_strictly_better_rows():
         ({"selection": {"kernel": 4}}, "kernel=4"),
         ({"selection": {"selection": "release", "scoring": "mass"}}, "scoring='mass' with selection='release'"),
         ({"selection": {"window": 3}}, "selection keys \\['window'\\]"),
+        ({"selection": {"keep_window": "no"}}, "keep_window='no'"),
+        ({"selection": {"selection": "release", "keep_window": False}}, "always keeps its window"),
         ({"seeding": "batch"}, "needs per-image seeding"),
         ({"refiner_start": 0.5, "refiner_end": 0.9}, "refiner_end=0.9"),
         ({"combine": "mean"}, "combine='mean'"),
@@ -204,16 +208,17 @@ def test_cli_search_flags_and_plan_show(tmp_path, capsys, monkeypatch):
     assert "invalid choice: 'slow'" in capsys.readouterr().err
     assert main([*argv, "--seeding", "batch"]) == 2
     assert "needs --seeding image" in capsys.readouterr().err and not out.exists()
-    assert main([*argv, "--kernel", "3", "--scoring", "logits"]) == 0
+    assert main([*argv, "--kernel", "3", "--scoring", "logits", "--keep-window", "no"]) == 0
     printed = capsys.readouterr().out
     assert "search (fast" in printed and "baselines at the same budget" in printed
     plan = load_plan(out)
     assert plan.selection["kernel"] == 3 and plan.selection["scoring"] == "logits"
+    assert plan.selection["keep_window"] is False
     assert main(["plan", "show", str(out)]) == 0
     shown = capsys.readouterr().out
     rows = [line for line in shown.splitlines() if line.startswith("  ") and " dB  " in line]
     assert len(rows) == len(plan.provenance["search"]["table"])
-    assert "pinned: kernel, scoring" in shown and "snapkv" in shown
+    assert "pinned: keep_window, kernel, scoring" in shown and "snapkv" in shown
 
 
 def test_logit_scoring_scores_by_the_window_queries_summed_raw_logits(pipe):
@@ -238,3 +243,30 @@ def test_logit_scoring_scores_by_the_window_queries_summed_raw_logits(pipe):
     assert torch.allclose(scores["mass"], attention_mass(q[:, :, window], store.k, 1.0))
     with pytest.raises(ValueError, match="scoring='sum'"):
         make_cache("scalekv", budget=BUDGET, drafters=[0], scoring="sum")
+
+
+def test_a_scored_window_competes_with_the_other_tokens(pipe):
+    """With keep_window=False the window is not forced in: the kept tokens are the top scores alone."""
+    from types import SimpleNamespace
+
+    from scalekv.cache import make_cache
+    from scalekv.cache.policy import keep_top
+
+    layout = pipe.model.cache_layout(rows=2, cond_rows=1)
+    scale = layout.scales[4]
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, layout.num_heads, scale.length, layout.head_dim, generator=gen)
+    k = torch.randn(2, layout.num_heads, scale.end, layout.head_dim, generator=gen)
+    store = SimpleNamespace(k=k, length=scale.end)
+    kept = {}
+    for keep in (True, False):
+        cache = make_cache("scalekv", budget=BUDGET, drafters=[0], keep_window=keep, kernel=1)
+        cache.reset(layout)
+        scores = cache.score(1, scale, q, store)
+        forced = cache.forced(1, scale, store, 20)
+        assert (forced is None) == (not keep)
+        kept[keep] = cache.select(1, scale, q, store, 20)  # window 16 + 4
+        assert torch.equal(kept[keep], keep_top(scores, 20, forced))
+    window = cache._window(scale, k.device) + scale.start
+    assert all(bool(torch.isin(window, row).all()) for row in kept[True].flatten(0, 1))
+    assert not torch.equal(kept[True], kept[False])

@@ -122,6 +122,16 @@ def check_scoring(scoring: str, selection: str = "spec") -> str:
     return scoring
 
 
+def check_keep_window(keep_window: bool, selection: str = "spec") -> bool:
+    """ScaleKV's ``keep_window``: whether the observation window is always kept (SPEC §5, and always under the
+    'release' selection) or only scores the other tokens and competes with them. Returns it."""
+    if not isinstance(keep_window, bool):
+        raise ValueError(f"keep_window={keep_window!r}: expected True or False")
+    if selection == "release" and not keep_window:
+        raise ValueError("keep_window=False with selection='release': the release always keeps its window")
+    return keep_window
+
+
 DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_SELECTION = 4, 5, "spec"  # SPEC §5
 DEFAULT_SCORING = {"spec": "mass", "release": "logits"}
 DEFAULT_POOLING = {"spec": "avg", "release": "max"}  # SPEC §5; what the release is run with (infer_2b.py)
@@ -164,14 +174,15 @@ class ScaleKV(ScoredPolicy):
     * ``selection='spec'`` (SPEC §5): the window is the centre token of every cell of a ``grid`` x ``grid`` split
       of the map (:func:`grid_window`); every cached token is scored by the softmax attention of the window's
       queries (``scoring='mass'``) or their raw logits (``'logits'``), summed and pooled (``pooling`` 'avg' or
-      'max', ``kernel``); the window is kept, then the top scores.
+      'max', ``kernel``); the window is kept (``keep_window=False``: it competes like any token), then the top
+      scores.
     * ``selection='release'``: the tokens the published ScaleKV code keeps given these queries and keys: its
       window (:func:`release_window`), raw logits summed without softmax, the window masked before and after the
       pooling, its top-k (:func:`release_keep`). Its pooling defaults to 'max', as the release is run.
 
-    ``selection``, ``grid``, ``kernel``, ``pooling`` and ``scoring`` left out take the plan's ``selection`` settings
-    (a calibrated plan carries those its calibration chose), else 'spec', 4, 5, 'avg' and 'mass' ('max' and
-    'logits' for 'release').
+    ``selection``, ``grid``, ``kernel``, ``pooling``, ``scoring`` and ``keep_window`` left out take the plan's
+    ``selection`` settings (a calibrated plan carries those its calibration chose), else 'spec', 4, 5, 'avg', 'mass'
+    and True ('max' and 'logits' for 'release').
     """
 
     name = "scalekv"
@@ -187,6 +198,7 @@ class ScaleKV(ScoredPolicy):
         pooling: str | None = None,
         selection: str | None = None,
         scoring: str | None = None,
+        keep_window: bool | None = None,
         refiner_start: float = PAPER_REFINER_START,
         refiner_end: float = PAPER_REFINER_END,
     ) -> None:
@@ -219,6 +231,8 @@ class ScaleKV(ScoredPolicy):
         check_pooling(pooling, kernel)
         scoring = scoring if scoring is not None else chosen.get("scoring", DEFAULT_SCORING[selection])
         self.scoring = check_scoring(scoring, selection)
+        keep_window = keep_window if keep_window is not None else chosen.get("keep_window", True)
+        self.keep_window = check_keep_window(keep_window, selection)
         self.fixed_plan = plan
         self.drafters = drafters
         self.grid = positive_int("grid", grid)
@@ -279,5 +293,7 @@ class ScaleKV(ScoredPolicy):
             scores = attention_mass(obs, store.k, self.layout.softmax_scale)
         return pool_scores(scores, self.kernel, self.pooling)
 
-    def forced(self, layer: int, scale: Scale, store: LayerKV, capacity: int) -> torch.Tensor:
+    def forced(self, layer: int, scale: Scale, store: LayerKV, capacity: int) -> torch.Tensor | None:
+        if not self.keep_window:
+            return None
         return self._window(scale, store.k.device) + (store.length - scale.length)

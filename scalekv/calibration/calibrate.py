@@ -383,6 +383,7 @@ def calibrate(
         kernel=selection.get("kernel", DEFAULT_KERNEL),
         pooling=selection.get("pooling", DEFAULT_POOLING[sel]),
         scoring=selection.get("scoring", DEFAULT_SCORING[sel]),
+        keep_window=selection.get("keep_window", True),
         refiners=refiners or (PAPER_REFINER_START, PAPER_REFINER_END),
         drafters=num_drafters if num_drafters is not None else _default_drafters(stats, budget),
         combine=combine or DEFAULT_COMBINE,

@@ -28,7 +28,7 @@ from ..cache.scalekv import DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAU
 
 SEARCH_MODES = ("off", "fast", "full")
 # the order coordinate descent visits them in: the selection first (it moves PSNR the most), then the plan's rule
-DIMENSIONS = ("selection", "grid", "kernel", "pooling", "scoring", "refiners", "drafters", "combine")
+DIMENSIONS = ("selection", "grid", "kernel", "pooling", "scoring", "keep_window", "refiners", "drafters", "combine")
 PAPER_REFINERS = (PAPER_REFINER_START, PAPER_REFINER_END)
 
 # N_d as multiples of the default count (rounded, kept where a plan can be made with it)
@@ -38,6 +38,7 @@ FAST_VALUES: dict[str, tuple] = {
     "kernel": (1, 3, 5),
     "pooling": ("avg", "max"),
     "scoring": ("mass", "logits"),
+    "keep_window": (True, False),
     "refiners": (PAPER_REFINERS, (1.0, 0.8), (1.0, 1.0)),
     "drafters": (0.5, 1.0, 2.0),
     "combine": ("product", "sum"),
@@ -63,17 +64,20 @@ class Setting:
     kernel: int = DEFAULT_KERNEL
     pooling: str = DEFAULT_POOLING[DEFAULT_SELECTION]
     scoring: str = DEFAULT_SCORING[DEFAULT_SELECTION]
+    keep_window: bool = True
     refiners: tuple[float, float] = PAPER_REFINERS
     drafters: int = 0
     combine: str = "product"
 
     def normalised(self) -> Setting:
-        """The release scores by raw logits only: its rows always say so."""
-        return dataclasses.replace(self, scoring="logits") if self.selection == "release" else self
+        """The release scores by raw logits only and always keeps its window: its rows always say so."""
+        if self.selection == "release":
+            return dataclasses.replace(self, scoring="logits", keep_window=True)
+        return self
 
     def selection_settings(self) -> dict[str, Any]:
         """What the plan's ``selection`` block records (what :class:`~scalekv.cache.scalekv.ScaleKV` reads)."""
-        return {k: getattr(self, k) for k in ("selection", "grid", "kernel", "pooling", "scoring")}
+        return {k: getattr(self, k) for k in ("selection", "grid", "kernel", "pooling", "scoring", "keep_window")}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,8 +160,8 @@ def search(
     for _ in range(1 if mode == "fast" else MAX_FULL_PASSES):
         moved = False
         for dim in DIMENSIONS:
-            if dim == "scoring" and best.setting.selection == "release":
-                continue  # the release has one scoring
+            if dim in ("scoring", "keep_window") and best.setting.selection == "release":
+                continue  # the release has one scoring and always keeps its window
             for value in candidates(dim, mode, default_drafters, pinned):
                 row = evaluate(dataclasses.replace(best.setting, **{dim: value}))
                 if row is not None and row.psnr > best.psnr:

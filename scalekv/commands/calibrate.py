@@ -79,6 +79,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scoring", choices=SCORINGS, help="ScaleKV's scores: softmax mass or raw logits (searched; default mass)"
     )
+    p.add_argument(
+        "--keep-window",
+        choices=("yes", "no"),
+        help="whether ScaleKV always keeps its observation window (searched; default yes, as the paper)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -148,7 +153,10 @@ def _seed_count(args: argparse.Namespace, inputs: int) -> int:
 def selection_flags(args: argparse.Namespace) -> dict:
     from ..cache.plan import SELECTION_KEYS
 
-    return {k: getattr(args, k) for k in SELECTION_KEYS if getattr(args, k) is not None}
+    flags = {k: getattr(args, k) for k in SELECTION_KEYS if getattr(args, k) is not None}
+    if "keep_window" in flags:
+        flags["keep_window"] = flags["keep_window"] == "yes"
+    return flags
 
 
 def check_refiners(start: float | None, end: float | None) -> None:

@@ -121,6 +121,8 @@ def _origin(info: dict[str, Any]) -> list[str]:
 def _setting_text(row: dict[str, Any]) -> str:
     start, end = row["refiners"]
     scoring = "" if row["selection"] == "release" else f" {row['scoring']}"
+    if row["selection"] != "release" and not row.get("keep_window", True):
+        scoring += " window-scored"
     return (
         f"{row['selection']}{scoring} grid {row['grid']} kernel {row['kernel']} {row['pooling']}, "
         f"refiners {start:.3g}->{end:.3g}, N_d {row['drafters']}, ASI {row['combine']}"
