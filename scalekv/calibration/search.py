@@ -6,16 +6,18 @@ scored by generating the calibration images again with that ScaleKV cache, same 
 PSNR/SSIM against the full-cache images. Nothing but per-image scores survives a candidate, and every result is
 remembered, so a setting is never generated twice.
 
-The search is coordinate descent over :data:`DIMENSIONS` from the defaults: one dimension at a time, every value
-of it is tried with the others fixed and the best mean PSNR is kept (a tie keeps the earlier value, so the search is
-deterministic). ``fast`` makes one pass over :data:`FAST_VALUES`; ``full`` repeats passes over the wider
-:data:`FULL_VALUES` until a pass changes nothing. A dimension the caller pins is not searched. The setting kept is
-always the best row of the recorded table: a move is made only to a strictly better row.
+The search is coordinate descent over :data:`DIMENSIONS` from the defaults: one dimension at a time (the selection
+and whether its window is kept together, :data:`GROUPS`), every value of it is tried with the others fixed and the
+best mean PSNR is kept (a tie keeps the earlier value, so the search is deterministic). ``fast`` makes one pass over
+:data:`FAST_VALUES`; ``full`` repeats passes over the wider :data:`FULL_VALUES` until a pass changes nothing. A
+dimension the caller pins is not searched. The setting kept is always the best row of the recorded table: a move is
+made only to a strictly better row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,10 @@ from ..cache.scalekv import DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAU
 
 SEARCH_MODES = ("off", "fast", "full")
 # the order coordinate descent visits them in: the selection first (it moves PSNR the most), then the plan's rule
-DIMENSIONS = ("selection", "grid", "kernel", "pooling", "scoring", "keep_window", "refiners", "drafters", "combine")
+DIMENSIONS = ("selection", "keep_window", "grid", "kernel", "pooling", "scoring", "refiners", "drafters", "combine")
+# searched together: whether the window is kept matters only to the 'spec' selection, so the three ways to select
+# (spec with its window kept, spec with it scored, release) are one step, not two a greedy search could not chain
+GROUPS = (("selection", "keep_window"), *((d,) for d in DIMENSIONS[2:]))
 PAPER_REFINERS = (PAPER_REFINER_START, PAPER_REFINER_END)
 
 # N_d as multiples of the default count (rounded, kept where a plan can be made with it)
@@ -159,11 +164,14 @@ def search(
         return best.setting, list(rows.values())
     for _ in range(1 if mode == "fast" else MAX_FULL_PASSES):
         moved = False
-        for dim in DIMENSIONS:
-            if dim in ("scoring", "keep_window") and best.setting.selection == "release":
-                continue  # the release has one scoring and always keeps its window
-            for value in candidates(dim, mode, default_drafters, pinned):
-                row = evaluate(dataclasses.replace(best.setting, **{dim: value}))
+        for group in GROUPS:
+            if group == ("scoring",) and best.setting.selection == "release":
+                continue  # the release has one scoring
+            for values in itertools.product(*(candidates(d, mode, default_drafters, pinned) for d in group)):
+                setting = dataclasses.replace(best.setting, **dict(zip(group, values, strict=True)))
+                if setting.selection == "release" and not setting.keep_window:
+                    continue  # the release always keeps its window
+                row = evaluate(setting)
                 if row is not None and row.psnr > best.psnr:
                     best, moved = row, True
         if not moved:
