@@ -6,12 +6,13 @@ scored by generating the calibration images again with that ScaleKV cache, same 
 PSNR/SSIM against the full-cache images. Nothing but per-image scores survives a candidate, and every result is
 remembered, so a setting is never generated twice.
 
-The search is coordinate descent over :data:`DIMENSIONS` from the defaults: one dimension at a time (the selection
-and whether its window is kept together, :data:`GROUPS`), every value of it is tried with the others fixed and the
-best mean PSNR is kept (a tie keeps the earlier value, so the search is deterministic). ``fast`` makes one pass over
-:data:`FAST_VALUES`; ``full`` repeats passes over the wider :data:`FULL_VALUES` until a pass changes nothing. A
-dimension the caller pins is not searched. The setting kept is always the best row of the recorded table: a move is
-made only to a strictly better row.
+The search runs coordinate descent once from each way to select (the 'spec' selection with its window kept, the same
+with the window scored like any token, the 'release' selection: :func:`selection_starts`), because a greedy step
+between them can lead into a worse basin. Each run moves along the other :data:`DIMENSIONS` one at a time: every
+value is tried with the others fixed and the best mean PSNR is kept (a tie keeps the earlier value, so the search is
+deterministic). ``fast`` makes one pass over :data:`FAST_VALUES` per run; ``full`` repeats passes over the wider
+:data:`FULL_VALUES` until a pass changes nothing. A dimension the caller pins is not searched. The setting kept is
+the best row of the recorded table, the earliest among equals.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from ..cache.scalekv import DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_POOLING, DEFAU
 SEARCH_MODES = ("off", "fast", "full")
 # the order coordinate descent visits them in: the selection first (it moves PSNR the most), then the plan's rule
 DIMENSIONS = ("selection", "keep_window", "grid", "kernel", "pooling", "scoring", "refiners", "drafters", "combine")
-# searched together: whether the window is kept matters only to the 'spec' selection, so the three ways to select
-# (spec with its window kept, spec with it scored, release) are one step, not two a greedy search could not chain
+# the first group is the way to select (one coordinate-descent run starts from each); the others are single steps
 GROUPS = (("selection", "keep_window"), *((d,) for d in DIMENSIONS[2:]))
 PAPER_REFINERS = (PAPER_REFINER_START, PAPER_REFINER_END)
 
@@ -136,7 +136,8 @@ def search(
     pinned: Mapping[str, Any] | None = None,
     progress: Callable[[Row], None] | None = None,
 ) -> tuple[Setting, list[Row]]:
-    """Coordinate descent from ``start``. ``make_plan(setting)`` builds the plan (a ``ValueError`` marks a
+    """Coordinate descent from ``start``, once from each way to select (:func:`selection_starts`; the best of the
+    runs wins; ``off``: ``start`` alone, scored). ``make_plan(setting)`` builds the plan (a ``ValueError`` marks a
     setting that cannot be made, e.g. too many drafters: it is skipped); ``make_scalekv(plan, setting)`` its cache;
     ``score(cache_factory)`` generates the calibration images with fresh caches from ``cache_factory`` and returns
     per-image PSNR and SSIM. Returns the chosen setting and every scored row, in the order they were scored."""
@@ -157,26 +158,47 @@ def search(
                 progress(rows[setting])
         return rows[setting]
 
-    best = evaluate(start.normalised())
-    if best is None:
+    first = evaluate(start.normalised())
+    if first is None:
         raise ValueError(f"the starting setting {start.to_dict()} makes no valid plan")
     if mode == "off":
-        return best.setting, list(rows.values())
-    for _ in range(1 if mode == "fast" else MAX_FULL_PASSES):
-        moved = False
-        for group in GROUPS:
-            if group == ("scoring",) and best.setting.selection == "release":
-                continue  # the release has one scoring
-            for values in itertools.product(*(candidates(d, mode, default_drafters, pinned) for d in group)):
-                setting = dataclasses.replace(best.setting, **dict(zip(group, values, strict=True)))
-                if setting.selection == "release" and not setting.keep_window:
-                    continue  # the release always keeps its window
-                row = evaluate(setting)
-                if row is not None and row.psnr > best.psnr:
-                    best, moved = row, True
-        if not moved:
-            break
-    return best.setting, list(rows.values())
+        return first.setting, list(rows.values())
+    overall = first
+    for way in selection_starts(start, mode, default_drafters, pinned):
+        best = evaluate(way)
+        if best is None:
+            continue
+        for _ in range(1 if mode == "fast" else MAX_FULL_PASSES):
+            moved = False
+            for group in GROUPS[1:]:  # the selection is this start's
+                if group == ("scoring",) and best.setting.selection == "release":
+                    continue  # the release has one scoring
+                for values in itertools.product(*(candidates(d, mode, default_drafters, pinned) for d in group)):
+                    row = evaluate(dataclasses.replace(best.setting, **dict(zip(group, values, strict=True))))
+                    if row is not None and row.psnr > best.psnr:
+                        best, moved = row, True
+            if not moved:
+                break
+        if best.psnr > overall.psnr:
+            overall = best
+    return overall.setting, list(rows.values())
+
+
+def selection_starts(start: Setting, mode: str, default_drafters: int, pinned: Mapping[str, Any]) -> list[Setting]:
+    """One starting point per way to select (spec with its window kept, spec with it scored, release) that the
+    pinned settings allow, the rest as ``start``; ``start``'s own way first."""
+    ways = []
+    for selection, keep in itertools.product(*(candidates(d, mode, default_drafters, pinned) for d in GROUPS[0])):
+        if selection == "release" and not keep:
+            continue  # the release always keeps its window
+        way = dataclasses.replace(start, selection=selection, keep_window=keep)
+        if selection != start.selection:  # another selection starts from its own defaults for these two
+            way = dataclasses.replace(way, pooling=DEFAULT_POOLING[selection], scoring=DEFAULT_SCORING[selection])
+        way = way.normalised()
+        if way not in ways:
+            ways.append(way)
+    own = start.normalised()
+    return sorted(ways, key=lambda w: w != own)
 
 
 class ImageFidelity:
