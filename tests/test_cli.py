@@ -68,3 +68,25 @@ def test_infinity_scalekv_without_plan_takes_the_released_plan_at_1024_only():
     args = build_parser().parse_args([*argv, "--out", "unused"])
     with pytest.raises(ValueError, match="exactly one of plan"):  # 512x512: no released plan, --plan is needed
         cache_from_args(args, get_schedule(1.0, "0.25M"))
+
+
+def test_every_model_has_one_registry_entry_that_the_helpers_read():
+    """The registry is the one place that knows a model: the hub's helpers and the commands read its entries."""
+    from scalekv import hub
+
+    assert hub.model_names() == sorted(hub.MODELS)
+    for name, entry in hub.MODELS.items():
+        assert entry.name == name and entry.input_kind in (hub.LABELS, hub.PROMPTS)
+        assert hub.input_kind(name) == entry.input_kind
+        assert entry.weight_files, name
+        if entry.sampling is not None:
+            assert hub.default_sampling(name) == entry.sampling
+        for percent, _ in entry.plans:
+            path = hub.default_plan(name, percent / 100)
+            assert path is not None and path.is_file(), (name, percent)
+    prompted = {n for n, e in hub.MODELS.items() if e.input_kind == hub.PROMPTS}
+    assert prompted == {"infinity", "infinity-2b", "infinity-8b"}
+    assert hub.default_sampling("demo") == hub.MODELS["demo"].sampling_for(None)
+    assert hub.input_kind("a-pipeline-given-directly") == hub.LABELS
+    with pytest.raises(ValueError, match="unknown model 'var-d99': expected one of"):
+        hub.load_pipeline("var-d99")

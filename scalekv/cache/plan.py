@@ -486,21 +486,22 @@ def check_labels(plan: Plan) -> None:
             f"capacities keep B = {plan.average_capacity:g} (budget {plan.average_capacity / prefix:.3g}); "
             "expected a budget label that matches the capacities"
         )
-    from ..models.infinity import INFINITY_PRESETS
-    from ..models.var import VAR_PRESETS
+    from ..hub import MODELS  # the registry: a label that names a model with a fixed architecture
 
-    if plan.model in VAR_PRESETS:
-        cfg = VAR_PRESETS[plan.model]
+    entry = MODELS.get(plan.model)
+    cfg = entry.preset if entry is not None else None
+    if cfg is None:
+        return
+    if entry.family == "var":
         schedule = tuple((p, p) for p in cfg.patch_nums)
         if plan.schedule != schedule or plan.num_layers != cfg.depth:
             raise ValueError(
                 f"model {plan.model!r} has {cfg.depth} layers and the schedule {_fmt_schedule(schedule)}, but the "
                 f"capacities are for {plan.num_layers} layers and {_fmt_schedule(plan.schedule)}"
             )
-    elif plan.model in INFINITY_PRESETS and plan.num_layers != INFINITY_PRESETS[plan.model].depth:
+    elif plan.num_layers != cfg.depth:
         raise ValueError(
-            f"model {plan.model!r} has {INFINITY_PRESETS[plan.model].depth} layers, but the capacities are for "
-            f"{plan.num_layers} layers"
+            f"model {plan.model!r} has {cfg.depth} layers, but the capacities are for {plan.num_layers} layers"
         )
 
 

@@ -175,13 +175,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..calibration.calibrate import calibrate
     from ..checks import check_seed
-    from ..hub import default_sampling, load_pipeline
-    from ..infinity_pipeline import infinity_names
+    from ..hub import PROMPTS, default_sampling, input_kind, load_pipeline
 
     out = check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.model in infinity_names():
+    if input_kind(args.model) == PROMPTS:
         from ..schedules import parse_size, schedule_for_size
 
         if not args.prompts or not args.t5:

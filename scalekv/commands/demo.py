@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     import io
 
     from ..checks import check_seed, check_seeding
-    from ..hub import DEMO, default_sampling, load_pipeline
+    from ..hub import default_sampling, load_pipeline
     from ..outputs import check_output_folder, owned_by, replace_output
 
     out = check_output_folder(
@@ -222,9 +222,10 @@ def run(args: argparse.Namespace) -> int:
         seeding=args.seeding,
         kv_bits=args.kv_bits,
     )
-    from ..data import CLASSES
+    from ..hub import MODELS
 
-    titles = [CLASSES[i] if args.model == DEMO else str(i) for i in labels]
+    names = MODELS[args.model].class_names if args.model in MODELS else None
+    titles = [names[i] if names else str(i) for i in labels]
     grid = io.BytesIO()
     grid_image(rows, titles).save(grid, format="PNG")
     text = table(rows)

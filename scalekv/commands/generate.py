@@ -142,14 +142,13 @@ def write_outputs(out: Path, gen, cache, stats: dict, what: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..checks import check_device, check_seed, check_seeding
-    from ..hub import default_sampling, load_pipeline
-    from ..infinity_pipeline import infinity_names
+    from ..hub import PROMPTS, default_sampling, input_kind, load_pipeline
 
     check_out(args.out)  # before anything is loaded
     check_seed(args.seed, "--seed")
     check_seeding(args.seeding, "--seeding")
     check_device(args.device, "--device")
-    if args.model in infinity_names():
+    if input_kind(args.model) == PROMPTS:
         return run_infinity(args)
     for flag in ("prompt", "vae", "t5", "tau"):
         if getattr(args, flag) is not None:

@@ -214,11 +214,12 @@ def run_make(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.schedule is None):
         raise ValueError("give exactly one of --model and --schedule (with --layers)")
     if args.model is not None:
-        from ..models.var import VAR_PRESETS
+        from ..hub import MODELS
 
-        if args.model not in VAR_PRESETS:
-            raise ValueError(f"--model {args.model!r}: expected one of {sorted(VAR_PRESETS)} (or use --schedule)")
-        cfg = VAR_PRESETS[args.model]
+        fixed = sorted(n for n, e in MODELS.items() if e.family == "var" and e.preset is not None)
+        if args.model not in fixed:
+            raise ValueError(f"--model {args.model!r}: expected one of {fixed} (or use --schedule)")
+        cfg = MODELS[args.model].preset
         scales, layers, model = cfg.scales, cfg.depth, args.model
     else:
         if args.layers is None:

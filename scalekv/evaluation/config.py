@@ -127,7 +127,7 @@ class EvalConfig:
         ):
             raise ValueError(f"policy_options={self.policy_options!r}: expected a mapping policy -> keyword mapping")
         from ..generation import check_sampling
-        from ..hub import INFINITY_SIZE, PROMPTS, default_sampling, input_kind
+        from ..hub import INFINITY_SIZE, PROMPTS, default_sampling, input_kind, model_names
 
         sampling_keys = ["cfg", "top_k", "top_p"]
         if input_kind(self.model) == PROMPTS:
@@ -150,7 +150,8 @@ class EvalConfig:
             if given:
                 raise ValueError(
                     f"{', '.join(given)} given for {self.model!r}: expected them only for the text-to-image models "
-                    f"(infinity, infinity-2b, infinity-8b); {self.model!r} generates from class labels"
+                    f"({', '.join(n for n in model_names() if input_kind(n) == PROMPTS)}); {self.model!r} generates "
+                    "from class labels"
                 )
         if any(getattr(self, key) is None for key in sampling_keys):
             model_default = default_sampling(self.model, self.weights)
