@@ -241,3 +241,57 @@ def test_infinity_runs_quantised(name):
     assert isinstance(cache.store, QuantizedKVStore) and torch.isfinite(gen.images).all()
     assert gen.kv_bytes_history < 0.4 * ref.kv_bytes_history  # float32 compute: 8 bits + metadata is ~0.28
     assert psnr(gen.images, ref.images).mean().item() > 25
+
+
+def test_eval_crosses_bit_widths_with_policies_and_budgets_and_resumes(tmp_path):
+    import json
+
+    from scalekv.evaluation.report import markdown_table
+    from tests.test_eval import CountingPipeline, small_config, unmeasured
+
+    kw = dict(policies=["snapkv"], budgets=[0.3], n=3, batch_size=2, top_k=0, top_p=0.0)
+    plain_rows = run_eval_rows(small_config(tmp_path / "plain", **kw))
+    config = small_config(tmp_path / "run", kv_bits=[16, 8, 4], **kw)
+    first = CountingPipeline(tiny_pipeline(seed=0))
+    rows = run_eval_rows(config, first)
+    names = [(r["policy"], r["budget"], r["kv_bits"]) for r in rows]
+    assert names == [("full", None, 16), ("full", None, 8), ("full", None, 4)] + [
+        ("snapkv", 0.3, q) for q in (16, 8, 4)
+    ]
+    by = {(r["policy"], r["kv_bits"]): r for r in rows}
+    # the 16-bit rows are those of a run without kv_bits; the reference stays the 16-bit full cache
+    assert unmeasured([by["full", 16], by["snapkv", 16]]) == unmeasured(plain_rows)
+    assert by["full", 16]["psnr"] is None and 20 < by["full", 4]["psnr"] < by["full", 8]["psnr"]
+    for policy in ("full", "snapkv"):
+        assert by[policy, 4]["kv_bytes_history"] < by[policy, 8]["kv_bytes_history"] < by[policy, 16]["kv_bytes_history"]
+        assert by[policy, 4]["kv_bytes_reference"] == by[policy, 16]["kv_bytes_reference"]
+    assert (tmp_path / "run" / "images" / "snapkv_b0.3_q4").is_dir() and (tmp_path / "run" / "images" / "full_q8").is_dir()
+    table = markdown_table(rows)
+    assert "| bits |" in table and "| snapkv | 30% | 4 |" in table
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["kv_bits"] == [16, 8, 4]
+    assert "kv_bits" not in json.loads((tmp_path / "plain" / "config.json").read_text())  # older runs still resume
+    again = CountingPipeline(tiny_pipeline(seed=0))
+    assert unmeasured(run_eval_rows(config, again)) == unmeasured(rows) and again.calls == 0
+    with pytest.raises(ValueError, match="kv_bits"):
+        run_eval_rows(small_config(tmp_path / "run", kv_bits=[16, 4], **kw))  # another bit list is another run
+
+
+def run_eval_rows(config, pipeline=None):
+    from scalekv.evaluation import run_eval
+
+    return run_eval(config, pipeline=pipeline if pipeline is not None else tiny_pipeline(seed=0))
+
+
+def test_eval_refuses_bad_bit_widths_before_any_work(tmp_path):
+    from scalekv.cli import main
+    from tests.test_eval import small_config
+
+    for bad, match in (([3], "kv_bits 3"), ([16, 16], "listed twice"), ([], "kv_bits=\\[\\]"), ([True], "kv_bits True")):
+        with pytest.raises(ValueError, match=match):
+            small_config(tmp_path, kv_bits=bad)
+    config = small_config(tmp_path / "run", policies=["snapkv"], policy_options={"snapkv": {"kv_bits": 4}})
+    with pytest.raises(ValueError, match="kv_bits=4"):
+        run_eval_rows(config)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "demo", "--kv-bits", "16,x", "--out", str(tmp_path / "x")])
