@@ -10,6 +10,9 @@ sampling) with the full cache, the policy at 16 bits, and the policy under every
 
     .venv/bin/python benchmarks/quant_ablation.py --n 96 --policies scalekv --budgets 0.1
 
+``--memory`` prints instead where ScaleKV's quantised peak goes (docs/memory.md): the quantised buffers, the float
+workspace, and the floor (the last scale's map of one layer, at full precision), with no generation.
+
 Settings (``bits/keys/group/sinks``): per-token keys (``token``: groups of ``group`` channels along head_dim, as
 values) or per-channel keys (``channel``: groups of ``group`` tokens per channel), and ``sinks`` tokens (the earliest
 every row and head holds) stored one step finer.
@@ -49,13 +52,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policies", default="scalekv", help="comma-separated (default scalekv)")
     p.add_argument("--budgets", default="0.1", help="comma-separated fractions (default 0.1)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory", action="store_true", help="print the memory breakdown of ScaleKV's quantised peak")
     return p.parse_args(argv)
+
+
+def memory_table(pipe) -> None:
+    """ScaleKV at 4/10/20% and 4 and 8 bits: what the quantised store allocates, over the reference full cache."""
+    layout = pipe.model.cache_layout(rows=2, cond_rows=1)
+    ref = layout.reference_bytes()
+    floor = layout.scales[-1].length * layout.token_bytes  # one layer's last map, in the compute dtype
+    print("| ScaleKV budget | kv_bits | kv_history_ratio | kv_peak_ratio | quantised buffers | workspace | "
+          "floor: last map | ideal: floor + history |")
+    print("|---|---|---|---|---|---|---|---|")
+    for budget, bits in ((0.04, 4), (0.1, 4), (0.2, 4), (0.1, 8)):
+        cache = make_cache("scalekv", budget=budget, plan=default_plan("demo", budget), kv_bits=bits)
+        cache.reset(layout)
+        store = cache.store
+        history = sum(store.bytes_for(n) for n in cache.held[-1])
+        cells = [history, store.peak_bytes, store.allocated_bytes, store.workspace_bytes, floor, floor + history]
+        print(f"| {100 * budget:g}% | {bits} | " + " | ".join(f"{c / ref:.4f}" for c in cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline("demo")
+    if args.memory:
+        memory_table(pipe)
+        return
     sampling = default_sampling("demo")
     labels = [i % 10 for i in range(args.n)]
 
