@@ -61,8 +61,10 @@ def memory_table(pipe) -> None:
     layout = pipe.model.cache_layout(rows=2, cond_rows=1)
     ref = layout.reference_bytes()
     floor = layout.scales[-1].length * layout.token_bytes  # one layer's last map, in the compute dtype
-    print("| ScaleKV budget | kv_bits | kv_history_ratio | kv_peak_ratio | quantised buffers | workspace | "
-          "floor: last map | ideal: floor + history |")
+    print(
+        "| ScaleKV budget | kv_bits | kv_history_ratio | kv_peak_ratio | quantised buffers | workspace | "
+        "floor: last map | ideal: floor + history |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for budget, bits in ((0.04, 4), (0.1, 4), (0.2, 4), (0.1, 8)):
         cache = make_cache("scalekv", budget=budget, plan=default_plan("demo", budget), kv_bits=bits)
@@ -92,16 +94,21 @@ def main(argv: list[str] | None = None) -> None:
     full = generate("full", None).images
     print(f"demo model, {args.n} images (image i: label i mod 10, seed i), float32, {args.threads} thread(s)")
     print()
-    print("| policy | budget | bits | keys | group | sinks | kv_history_ratio | kv_peak_ratio | PSNR vs 16 bits (dB) "
-          "| identical | PSNR vs full (dB) | change from 16 bits |")
+    print(
+        "| policy | budget | bits | keys | group | sinks | kv_history_ratio | kv_peak_ratio | PSNR vs 16 bits (dB) "
+        "| identical | PSNR vs full (dB) | change from 16 bits |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for policy in args.policies.split(","):
         for budget in [float(b) for b in args.budgets.split(",")] if policy != "full" else [None]:
             ref = generate(policy, budget)
             base = psnr(ref.images, full).mean().item()
             name = f"| {policy} | {'–' if budget is None else f'{100 * budget:g}%'} |"
-            print(f"{name} 16 | – | – | – | {ref.kv_history_ratio:.4f} | {ref.kv_peak_ratio:.4f} | – | – | "
-                  f"{base:.2f} | – |", flush=True)
+            print(
+                f"{name} 16 | – | – | – | {ref.kv_history_ratio:.4f} | {ref.kv_peak_ratio:.4f} | – | – | "
+                f"{base:.2f} | – |",
+                flush=True,
+            )
             for bits, keys, group, sinks in SETTINGS:
                 gen = generate(policy, budget, kv_bits=bits, kv_keys=keys, kv_group=group, kv_sinks=sinks)
                 vs16 = psnr(gen.images, ref.images)

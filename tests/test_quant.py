@@ -307,9 +307,13 @@ def test_eval_crosses_bit_widths_with_policies_and_budgets_and_resumes(tmp_path)
     assert unmeasured([by["full", 16], by["snapkv", 16]]) == unmeasured(plain_rows)
     assert by["full", 16]["psnr"] is None and 20 < by["full", 4]["psnr"] < by["full", 8]["psnr"]
     for policy in ("full", "snapkv"):
-        assert by[policy, 4]["kv_bytes_history"] < by[policy, 8]["kv_bytes_history"] < by[policy, 16]["kv_bytes_history"]
+        assert (
+            by[policy, 4]["kv_bytes_history"] < by[policy, 8]["kv_bytes_history"] < by[policy, 16]["kv_bytes_history"]
+        )
         assert by[policy, 4]["kv_bytes_reference"] == by[policy, 16]["kv_bytes_reference"]
-    assert (tmp_path / "run" / "images" / "snapkv_b0.3_q4").is_dir() and (tmp_path / "run" / "images" / "full_q8").is_dir()
+    assert (tmp_path / "run" / "images" / "snapkv_b0.3_q4").is_dir() and (
+        tmp_path / "run" / "images" / "full_q8"
+    ).is_dir()
     table = markdown_table(rows)
     assert "| bits |" in table and "| snapkv | 30% | 4 |" in table
     assert json.loads((tmp_path / "run" / "config.json").read_text())["kv_bits"] == [16, 8, 4]
@@ -330,7 +334,12 @@ def test_eval_refuses_bad_bit_widths_before_any_work(tmp_path):
     from scalekv.cli import main
     from tests.test_eval import small_config
 
-    for bad, match in (([3], "kv_bits 3"), ([16, 16], "listed twice"), ([], "kv_bits=\\[\\]"), ([True], "kv_bits True")):
+    for bad, match in (
+        ([3], "kv_bits 3"),
+        ([16, 16], "listed twice"),
+        ([], "kv_bits=\\[\\]"),
+        ([True], "kv_bits True"),
+    ):
         with pytest.raises(ValueError, match=match):
             small_config(tmp_path, kv_bits=bad)
     config = small_config(tmp_path / "run", policies=["snapkv"], policy_options={"snapkv": {"kv_bits": 4}})

@@ -211,7 +211,9 @@ class _Part:
             groups = -(-n // self.group)
             args = (self.codes[0][:, :, :n], self.scale[0][:, :, :groups], self.zero[0][:, :, :groups])
             return dequantize_channels(*args, self.bits, self.dtype, self.group)
-        return dequantize(self.codes[i][:, :, :n], self.scale[i][:, :, :n], self.zero[i][:, :, :n], self.bits, self.dtype)
+        return dequantize(
+            self.codes[i][:, :, :n], self.scale[i][:, :, :n], self.zero[i][:, :, :n], self.bits, self.dtype
+        )
 
     def write(self, i: int, x: torch.Tensor) -> None:
         """Store ``x`` ``(rows, heads, m, head_dim)`` as K (``i`` 0) or V (1)."""

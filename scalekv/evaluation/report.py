@@ -50,8 +50,8 @@ def _bytes(value: float | None) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a GitHub markdown table: the columns of the ScaleKV paper's Table 1 (FID, LPIPS, PSNR against
-    the full cache), SSIM, KV bytes per image (``bits``: the stored K/V's bit width, 16 being the compute dtype) (history, peak, their fractions of the reference full cache, and that
-    reference) and time."""
+    the full cache), SSIM, KV bytes per image (history, peak, their fractions of the reference full cache, and that
+    reference) and time; ``bits`` is the stored K/V's bit width (16: the compute dtype)."""
     lpips_kind = next((r["lpips_kind"] for r in rows if r.get("lpips_kind")), None)
     head = [
         "policy",

@@ -1,6 +1,7 @@
 """The run folder: its layout, atomic writes, and the check that a rerun belongs to it.
 
-Layout (``<setup>`` is ``full`` or ``<policy>_b<budget>``, ``_q<bits>`` appended under quantised storage, ``<j>`` a 6-digit batch number, ``<i>`` an image index)::
+Layout (``<setup>`` is ``full`` or ``<policy>_b<budget>``, with ``_q<bits>`` appended under quantised storage,
+``<j>`` a 6-digit batch number, ``<i>`` an image index)::
 
     config.json                     the settings that decide images and numbers (compared on every rerun)
     images/<setup>/<i>.png          generated images, uint8 RGB
