@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=96, help="images per row (default 96)")
     p.add_argument("--policies", default="scalekv", help="comma-separated (default scalekv)")
     p.add_argument("--budgets", default="0.1", help="comma-separated fractions (default 0.1)")
+    p.add_argument(
+        "--settings",
+        help="bits/keys/group/sinks,... instead of the built-in list, e.g. 4/token/32/1,4/channel/32/4",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--memory", action="store_true", help="print the memory breakdown of ScaleKV's quantised peak")
     return p.parse_args(argv)
@@ -91,6 +95,12 @@ def main(argv: list[str] | None = None) -> None:
             kwargs["plan"] = default_plan("demo", budget)
         return pipe.generate(labels, cache=make_cache(policy, **kwargs, **storage), seed=0, **sampling)
 
+    settings = SETTINGS
+    if args.settings:
+        settings = []
+        for text in args.settings.split(","):
+            bits, keys, group, sinks = text.split("/")
+            settings.append((int(bits), keys, int(group), int(sinks)))
     full = generate("full", None).images
     print(f"demo model, {args.n} images (image i: label i mod 10, seed i), float32, {args.threads} thread(s)")
     print()
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{base:.2f} | – |",
                 flush=True,
             )
-            for bits, keys, group, sinks in SETTINGS:
+            for bits, keys, group, sinks in settings:
                 gen = generate(policy, budget, kv_bits=bits, kv_keys=keys, kv_group=group, kv_sinks=sinks)
                 vs16 = psnr(gen.images, ref.images)
                 vs_full = psnr(gen.images, full).mean().item()

@@ -74,7 +74,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         cells = [
             r["policy"],
             budget,
-            str(r.get("kv_bits", 16)),
+            str(r.get("kv_bits") or 16),  # rows of runs made before kv_bits existed are 16-bit
             _fmt(r["fid"], 2),
             _fmt(r["lpips"], 4),
             _fmt(r["psnr"], 2),
