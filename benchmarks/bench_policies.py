@@ -5,7 +5,10 @@ Random weights (memory and time do not depend on them). For each policy and budg
 * history and peak: ``kv_history_ratio`` and ``kv_peak_ratio`` (scalekv.generation), over the reference full cache;
 * time / full: time of a whole generation (transformer, sampling, VQVAE decode) over the full cache's, each the
   fastest of ``--repeat`` runs, interleaved so that drifts in machine load hit every row alike;
-* compress share: the seconds the cache spent compressing (scoring, selection, gather) over that generation's time.
+* compress share: the seconds the cache spent compressing (scoring, selection, gather) over that generation's time;
+* codec share (``--kv-bits 16,8,4``: every row at every bit width): the seconds the quantised store spent quantising
+  what a layer keeps and dequantising its history for the attention, over that generation's time (the quantising
+  of a compressing policy's kept tokens is inside its compress share too).
 
     .venv/bin/python benchmarks/bench_policies.py --depth 8 --vae-ch 32 --threads 1 --clock cpu --repeat 1
 
@@ -24,6 +27,7 @@ import time
 import torch
 
 from scalekv.cache import POLICIES, KVCache, make_cache
+from scalekv.cache.quant_store import QuantizedKVStore, check_kv_bits
 from scalekv.cache.store import ConcatStore
 from scalekv.models import VARConfig, VQVAEConfig
 from scalekv.pipeline import random_pipeline
@@ -39,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", default="0.04,0.1,0.2")
     p.add_argument("--policies", default=",".join(sorted(set(POLICIES) - {"full"})))
     p.add_argument("--drafters", default="0", help="ScaleKV drafter layers (rule plan)")
+    p.add_argument("--kv-bits", default="16", help="stored K/V bit widths crossed with every row, e.g. 16,8,4")
     p.add_argument("--vae-ch", type=int, default=64, help="VQVAE width (decode cost only; the official is 160)")
     p.add_argument("--repeat", type=int, default=2, help="runs per row; the fastest counts")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (shared hosts)")
@@ -59,11 +64,13 @@ def build_pipeline(args: argparse.Namespace):
 def measure(pipe, labels: list[int], cache: KVCache, clock) -> dict:
     """One generation with ``cache``: its time and compression time (both by ``clock``) and KV bytes."""
     cache.clock = clock
+    QuantizedKVStore.clock = staticmethod(clock)
     start = clock()
     gen = pipe.generate(labels, cache=cache, seed=0)
     return {
         "seconds": clock() - start,
         "compress": cache.compress_seconds,
+        "codec": getattr(cache.store, "codec_seconds", 0.0),
         "history": gen.kv_history_ratio,
         "peak": gen.kv_peak_ratio,
     }
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown policies {unknown}: expected some of {sorted(POLICIES)}")
     drafters = [int(d) for d in args.drafters.split(",") if d]
+    bit_widths = [check_kv_bits(int(q)) for q in args.kv_bits.split(",") if q]
     if args.clock == "cpu" and args.device != "cpu":
         raise SystemExit("--clock cpu measures host CPU time; use --clock wall on an accelerator")
     if args.threads is not None:
@@ -87,13 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     cfg = pipe.model.cfg
     pipe.generate(labels, seed=0)  # warm-up
 
-    def maker(name: str, budget: float):
+    def maker(name: str, budget: float, bits: int):
         extra = {"drafters": drafters} if name == "scalekv" else {}
-        return lambda: make_cache(name, budget=budget, **extra)
+        if name != "full":
+            extra["budget"] = budget
+        return lambda: make_cache(name, kv_bits=bits, **extra)
+
+    def label(name: str, bits: int) -> str:
+        return name if bits == 16 else f"{name} {bits}-bit"
 
     # the full cache on the textbook concatenating store: what writing in place costs or saves
     textbook = ("full (torch.cat store)", 1.0, lambda: KVCache().configure(store=ConcatStore))
-    rows = [("full", 1.0, KVCache), textbook] + [(n, b, maker(n, b)) for b in budgets for n in policies]
+    rows = [("full", 1.0, KVCache), textbook]
+    rows += [(label("full", q), 1.0, maker("full", 1.0, q)) for q in bit_widths if q != 16]
+    rows += [(label(n, q), b, maker(n, b, q)) for b in budgets for n in policies for q in bit_widths]
     results: dict[tuple[str, float], dict] = {}
     for _ in range(args.repeat):  # interleave the repeats over all rows
         for name, budget, make in rows:
@@ -112,13 +127,14 @@ def main(argv: list[str] | None = None) -> None:
         f"full cache: {full['seconds']:.2f} s"
     )
     print()
-    print("| policy | budget | kv_history_ratio | kv_peak_ratio | time / full | compress share |")
-    print("|---|---|---|---|---|---|")
+    print("| policy | budget | kv_history_ratio | kv_peak_ratio | time / full | compress share | codec share |")
+    print("|---|---|---|---|---|---|---|")
     for name, budget, _ in rows:
         r = results[(name, budget)]
         print(
             f"| {name} | {budget:g} | {r['history']:.3f} | {r['peak']:.3f} | "
-            f"{r['seconds'] / full['seconds']:.2f} | {100 * r['compress'] / r['seconds']:.1f}% |"
+            f"{r['seconds'] / full['seconds']:.2f} | {100 * r['compress'] / r['seconds']:.1f}% | "
+            f"{100 * r['codec'] / r['seconds']:.1f}% |"
         )
 
 

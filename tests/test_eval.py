@@ -283,13 +283,14 @@ def test_markdown_and_csv_show_missing_metrics_as_empty():
         seconds_per_image=0.5,
     )
     table = markdown_table([row])
-    assert "| full | – | – |" in table and "| 1.0 KiB | 50.0% | 1.5 KiB | 75.0% | 2.0 KiB |" in table
+    assert "| full | – | 16 | – |" in table and "| 1.0 KiB | 50.0% | 1.5 KiB | 75.0% | 2.0 KiB |" in table
     # the paper's Table 1 columns first (FID, LPIPS, PSNR against the full cache), then SSIM and the memory columns
     head = [cell.strip() for cell in table.splitlines()[0].strip("|").split("|")]
-    assert head[2:6] == ["FID ↓", "LPIPS ↓", "PSNR (dB) ↑", "SSIM ↑"] and head[-2] == "ref. KV / image"
+    assert head[3:7] == ["FID ↓", "LPIPS ↓", "PSNR (dB) ↑", "SSIM ↑"] and head[-2] == "ref. KV / image"
     scored = {**row, "policy": "snapkv", "budget": 0.1, "fid": 12.345, "lpips": 0.25, "psnr": 30.5, "ssim": 0.9}
-    assert "| snapkv | 10% | 12.35 | 0.2500 | 30.50 | 0.9000 |" in markdown_table([scored])
-    assert csv_text([row]).splitlines()[1].startswith("full,,3,,")
+    assert "| snapkv | 10% | 16 | 12.35 | 0.2500 | 30.50 | 0.9000 |" in markdown_table([scored])
+    assert "| snapkv | 10% | 4 |" in markdown_table([{**scored, "kv_bits": 4}])
+    assert csv_text([row]).splitlines()[1].startswith("full,,,3,,")
 
 
 def test_cli_flags_override_the_yaml_file(tmp_path):

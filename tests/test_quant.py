@@ -70,7 +70,7 @@ def pipe():
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bytes_are_accounted_exactly(pipe, bits):
-    gen, cache = _run(pipe, "snapkv", kv_bits=bits)
+    gen, cache = _run(pipe, "snapkv", kv_bits=bits, kv_sinks=0)  # every token at `bits` (sinks: the next test)
     store = cache.store
     assert isinstance(store, QuantizedKVStore)
     lay = cache.layout
@@ -82,8 +82,8 @@ def test_bytes_are_accounted_exactly(pipe, bits):
     for k, row in enumerate(cache.scale_lengths[:-1]):
         assert cache.scale_nbytes[k] == [n * tok for n in row]
     assert gen.stats()["kv_bytes_history"] == sum(cache.scale_lengths[-2]) * tok
-    fresh = QuantizedKVStore(lay, cache.held, bits=bits)  # the generation released its buffers: recount a new one
-    buffers = sum(t.numel() * t.element_size() for la in fresh.layers for t in (*la.codes, *la.scale, *la.zero))
+    fresh = QuantizedKVStore(lay, cache.held, bits=bits, sinks=0)  # the generation released its buffers: recount
+    buffers = sum(t.numel() * t.element_size() for la in fresh.layers for p in la.parts for t in p.buffers)
     assert buffers == store.allocated_bytes == sum(max(r[l] for r in cache.held) for l in range(lay.num_layers)) * tok
     work = 2 * fresh.wk.numel() * fresh.wk.element_size()
     assert store.peak_bytes == buffers + work == gen.stats()["kv_bytes_peak"]
@@ -146,9 +146,53 @@ def test_bad_input_names_the_value():
         make_cache("full", kv_bits=8, kv_group=0)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sink_tokens_are_stored_one_step_finer_and_counted(pipe, bits):
+    from scalekv.cache import CacheLayout, make_scales
+    from scalekv.cache.quant_store import quant_bytes
+
+    gen, cache = _run(pipe, "snapkv", kv_bits=bits)  # default: one sink token per (row, head)
+    store, lay = cache.store, cache.layout
+    assert store.sinks == 1 and store.sink_bits == {8: 16, 4: 8}[bits] and store.token_bytes is None
+    assert store.codec_seconds > 0  # quantising and dequantising are timed on CPU (benchmarks' codec share)
+    args = (lay.rows, lay.num_heads, lay.head_dim)
+    sink = lay.token_bytes if bits == 8 else quant_bytes(1, *args, 8, 32)
+    for k, row in enumerate(cache.scale_lengths[:-1]):
+        assert cache.scale_nbytes[k] == [sink + quant_bytes(n - 1, *args, bits, 32) for n in row]
+    fresh = QuantizedKVStore(lay, cache.held, bits=bits)
+    buffers = sum(t.numel() * t.element_size() for la in fresh.layers for p in la.parts for t in p.buffers)
+    assert buffers == store.allocated_bytes and store.peak_bytes == gen.stats()["kv_bytes_peak"]
+    # on a layer: the first token held comes back at sink precision (exactly at 8 bits), the others at `bits`
+    layout = CacheLayout(1, 2, 32, make_scales([(1, 1), (2, 2), (2, 2)]), rows=1, cond_rows=1)
+    c = make_cache("full", kv_bits=bits, kv_sinks=2)
+    c.reset(layout)
+    s0, s1 = layout.scales[:2]
+    g = torch.Generator().manual_seed(3)
+    k0, v0 = torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)
+    c.update(0, s0, k0, k0, v0)
+    c.compress(0, s0, k0)
+    k1, v1 = torch.randn(1, 2, 4, 32, generator=g), torch.randn(1, 2, 4, 32, generator=g)
+    c.update(0, s1, k1, k1, v1)
+    c.compress(0, s1, k1)
+    kept = torch.cat((k0, k1), dim=2)
+    err = (c.layers[0].k - kept).abs().amax(dim=(0, 1, 3))  # per token
+    if bits == 8:
+        assert torch.equal(c.layers[0].k[:, :, :2], kept[:, :, :2]) and (err[2:] > 0).all()
+    else:
+        assert err[:2].max() < err[2:].min() / 4  # 8-bit steps are 17x finer than 4-bit ones
+    assert c.layers[0].nbytes == c.store.bytes_for(5)
+    assert c.store.bytes_for(5) == (2 * layout.token_bytes if bits == 8 else quant_bytes(2, 1, 2, 32, 8, 32)) + (
+        quant_bytes(3, 1, 2, 32, bits, 32)
+    )
+    with pytest.raises(ValueError, match="kv_sinks=-1"):
+        make_cache("full", kv_bits=4, kv_sinks=-1)
+    with pytest.raises(ValueError, match="kv_sinks=1"):
+        make_cache("full", kv_sinks=1)  # only with 8 or 4 bits
+
+
 def test_group_option_changes_bytes(pipe):
-    _, c32 = _run(pipe, "full", kv_bits=8)
-    _, c16 = _run(pipe, "full", kv_bits=8, kv_group=16)
+    _, c32 = _run(pipe, "full", kv_bits=8, kv_sinks=0)
+    _, c16 = _run(pipe, "full", kv_bits=8, kv_group=16, kv_sinks=0)
     assert c16.store.group == 16 and c32.store.group == 32
     assert c16.store.token_bytes > c32.store.token_bytes
 
@@ -206,7 +250,7 @@ def test_per_channel_keys_run_and_count_their_bytes(pipe, bits):
     from scalekv.cache.quant_store import quant_bytes
 
     ref, _ = _run(pipe, "snapkv")
-    gen, cache = _run(pipe, "snapkv", kv_bits=bits, kv_keys="channel")
+    gen, cache = _run(pipe, "snapkv", kv_bits=bits, kv_keys="channel", kv_sinks=0)
     store, lay = cache.store, cache.layout
     assert store.keys == "channel" and torch.isfinite(gen.images).all()
     assert psnr(gen.images, ref.images).mean().item() > (45 if bits == 8 else 30)
@@ -217,8 +261,8 @@ def test_per_channel_keys_run_and_count_their_bytes(pipe, bits):
         expect = [rh * (n * (d * bits // 8 + 4 * (d // 32)) + n * d * bits // 8 + 4 * d * -(-n // 32)) for n in row]
         assert cache.scale_nbytes[k] == expect
         assert expect == [quant_bytes(n, lay.rows, lay.num_heads, d, bits, 32, "channel") for n in row]
-    fresh = QuantizedKVStore(lay, cache.held, bits=bits, keys="channel")
-    buffers = sum(t.numel() * t.element_size() for la in fresh.layers for t in (*la.codes, *la.scale, *la.zero))
+    fresh = QuantizedKVStore(lay, cache.held, bits=bits, keys="channel", sinks=0)
+    buffers = sum(t.numel() * t.element_size() for la in fresh.layers for p in la.parts for t in p.buffers)
     assert store.allocated_bytes == buffers and store.peak_bytes == gen.stats()["kv_bytes_peak"]
     with pytest.raises(ValueError, match="kv_keys='row'"):
         make_cache("full", kv_bits=8, kv_keys="row")
@@ -241,3 +285,66 @@ def test_infinity_runs_quantised(name):
     assert isinstance(cache.store, QuantizedKVStore) and torch.isfinite(gen.images).all()
     assert gen.kv_bytes_history < 0.4 * ref.kv_bytes_history  # float32 compute: 8 bits + metadata is ~0.28
     assert psnr(gen.images, ref.images).mean().item() > 25
+
+
+def test_eval_crosses_bit_widths_with_policies_and_budgets_and_resumes(tmp_path):
+    import json
+
+    from scalekv.evaluation.report import markdown_table
+    from tests.test_eval import CountingPipeline, small_config, unmeasured
+
+    kw = dict(policies=["snapkv"], budgets=[0.3], n=2, batch_size=2, top_k=0, top_p=0.0)
+    plain_rows = run_eval_rows(small_config(tmp_path / "plain", **kw))
+    config = small_config(tmp_path / "run", kv_bits=[16, 8, 4], **kw)
+    first = CountingPipeline(tiny_pipeline(seed=0))
+    rows = run_eval_rows(config, first)
+    names = [(r["policy"], r["budget"], r["kv_bits"]) for r in rows]
+    assert names == [("full", None, 16), ("full", None, 8), ("full", None, 4)] + [
+        ("snapkv", 0.3, q) for q in (16, 8, 4)
+    ]
+    by = {(r["policy"], r["kv_bits"]): r for r in rows}
+    # the 16-bit rows are those of a run without kv_bits; the reference stays the 16-bit full cache
+    assert unmeasured([by["full", 16], by["snapkv", 16]]) == unmeasured(plain_rows)
+    assert by["full", 16]["psnr"] is None and 20 < by["full", 4]["psnr"] < by["full", 8]["psnr"]
+    for policy in ("full", "snapkv"):
+        assert (
+            by[policy, 4]["kv_bytes_history"] < by[policy, 8]["kv_bytes_history"] < by[policy, 16]["kv_bytes_history"]
+        )
+        assert by[policy, 4]["kv_bytes_reference"] == by[policy, 16]["kv_bytes_reference"]
+    assert (tmp_path / "run" / "images" / "snapkv_b0.3_q4").is_dir() and (
+        tmp_path / "run" / "images" / "full_q8"
+    ).is_dir()
+    table = markdown_table(rows)
+    assert "| bits |" in table and "| snapkv | 30% | 4 |" in table
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["kv_bits"] == [16, 8, 4]
+    assert "kv_bits" not in json.loads((tmp_path / "plain" / "config.json").read_text())  # older runs still resume
+    again = CountingPipeline(tiny_pipeline(seed=0))
+    assert unmeasured(run_eval_rows(config, again)) == unmeasured(rows) and again.calls == 0
+    with pytest.raises(ValueError, match="kv_bits"):
+        run_eval_rows(small_config(tmp_path / "run", kv_bits=[16, 4], **kw))  # another bit list is another run
+
+
+def run_eval_rows(config, pipeline=None):
+    from scalekv.evaluation import run_eval
+
+    return run_eval(config, pipeline=pipeline if pipeline is not None else tiny_pipeline(seed=0))
+
+
+def test_eval_refuses_bad_bit_widths_before_any_work(tmp_path):
+    from scalekv.cli import main
+    from tests.test_eval import small_config
+
+    for bad, match in (
+        ([3], "kv_bits 3"),
+        ([16, 16], "listed twice"),
+        ([], "kv_bits=\\[\\]"),
+        ([True], "kv_bits True"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            small_config(tmp_path, kv_bits=bad)
+    config = small_config(tmp_path / "run", policies=["snapkv"], policy_options={"snapkv": {"kv_bits": 4}})
+    with pytest.raises(ValueError, match="kv_bits=4"):
+        run_eval_rows(config)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "demo", "--kv-bits", "16,x", "--out", str(tmp_path / "x")])

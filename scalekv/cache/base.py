@@ -104,6 +104,7 @@ class KVCache:
                 "(pick a compressing policy)"
             )
         self.store_class, self.timing, self.kv_bits, self.kv_group, self.kv_keys = KVStore, None, 16, None, "token"
+        self.kv_sinks: int | None = None
         self.layout: CacheLayout | None = None
         self.store = None
         self.layers: list = []
@@ -121,15 +122,17 @@ class KVCache:
         kv_bits: int | None = None,
         kv_group: int | None = None,
         kv_keys: str | None = None,
+        kv_sinks: int | None = None,
     ) -> KVCache:
         """Set the storage and the timing mode (every policy has them; ``make_cache`` passes them here).
 
         ``kv_bits``: 16 keeps K/V in the compute dtype (:class:`~scalekv.cache.store.KVStore`, the default); 8 or 4
         carries them between scales quantised (:class:`~scalekv.cache.quant_store.QuantizedKVStore`), ``kv_group``
         channels per group (default min(32, head_dim); checked against head_dim at reset), ``kv_keys`` how keys are
-        grouped: ``"token"`` (default, along head_dim like values) or ``"channel"`` (``kv_group`` tokens per channel).
-        An explicit ``store`` cannot be combined with 8 or 4 bits."""
-        from .quant_store import QuantizedKVStore, check_kv_bits, check_kv_keys, group_size
+        grouped: ``"token"`` (default, along head_dim like values) or ``"channel"`` (``kv_group`` tokens per channel),
+        ``kv_sinks`` how many of the earliest tokens of every (row, head) a layer holds are stored one step finer
+        (4 -> 8 bits, 8 -> the compute dtype; default 1). An explicit ``store`` cannot be combined with 8 or 4 bits."""
+        from .quant_store import QuantizedKVStore, check_kv_bits, check_kv_keys, check_kv_sinks, group_size
 
         if store is not None and not callable(store):
             raise ValueError(f"store={store!r}: expected a store class such as scalekv.cache.KVStore")
@@ -142,20 +145,25 @@ class KVCache:
             self.kv_group = kv_group
         if kv_keys is not None:
             self.kv_keys = check_kv_keys(kv_keys)
+        if kv_sinks is not None:
+            self.kv_sinks = check_kv_sinks(kv_sinks)
         if store is not None and self.kv_bits != 16:
             raise ValueError(f"store={store!r} with kv_bits={self.kv_bits}: a custom store cannot be quantised")
         if store is not None:
             self.store_class = store
-        elif kv_bits is not None or kv_group is not None or kv_keys is not None:
+        elif any(x is not None for x in (kv_bits, kv_group, kv_keys, kv_sinks)):
             if self.kv_bits == 16:
-                if self.kv_group is not None or self.kv_keys != "token":
-                    raise ValueError(f"kv_group={self.kv_group!r}, kv_keys={self.kv_keys!r}: only with kv_bits 8 or 4")
+                if self.kv_group is not None or self.kv_keys != "token" or self.kv_sinks is not None:
+                    raise ValueError(
+                        f"kv_group={self.kv_group!r}, kv_keys={self.kv_keys!r}, kv_sinks={self.kv_sinks!r}: only "
+                        "with kv_bits 8 or 4"
+                    )
                 self.store_class = KVStore
             else:
-                bits, group, keys = self.kv_bits, self.kv_group, self.kv_keys
+                bits, group, keys, sinks = self.kv_bits, self.kv_group, self.kv_keys, self.kv_sinks
 
                 def quantized(layout, held):
-                    return QuantizedKVStore(layout, held, bits=bits, group=group, keys=keys)
+                    return QuantizedKVStore(layout, held, bits=bits, group=group, keys=keys, sinks=sinks)
 
                 self.store_class = quantized
         self.timing = timing

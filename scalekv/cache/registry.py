@@ -18,13 +18,13 @@ def register(cls: type[KVCache]) -> type[KVCache]:
 
 
 # taken by every cache (KVCache.configure), whatever its policy
-STORAGE_OPTIONS = ("store", "timing", "kv_bits", "kv_group", "kv_keys")
+STORAGE_OPTIONS = ("store", "timing", "kv_bits", "kv_group", "kv_keys", "kv_sinks")
 
 
 def make_cache(name: str, **kwargs) -> KVCache:
     """Build the policy registered as ``name`` (e.g. ``make_cache("scalekv", budget=0.1, plan="plan.json")``).
-    ``store``, ``timing``, ``kv_bits``, ``kv_group`` and ``kv_keys`` go to :meth:`KVCache.configure`; the rest to
-    the policy."""
+    The storage options (:data:`STORAGE_OPTIONS`: ``store``, ``timing``, ``kv_bits``, ``kv_group``, ``kv_keys``,
+    ``kv_sinks``) go to :meth:`KVCache.configure`; the rest to the policy."""
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}: expected one of {sorted(POLICIES)}")
     cls = POLICIES[name]

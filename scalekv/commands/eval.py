@@ -47,6 +47,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="folder with the model's checkpoint files")
     p.add_argument("--policies", type=_csv(str, "policy names"), help="default: every registered policy")
     p.add_argument("--budgets", type=_csv(float, "fractions"), help="KV budget fractions (default 0.04,0.1,0.2)")
+    p.add_argument(
+        "--kv-bits",
+        type=_csv(int, "bit widths"),
+        dest="kv_bits",
+        help="bit widths of the stored K/V, crossed with every policy and budget, e.g. 16,8,4 (default 16: the "
+        "compute dtype); the full cache at 8 or 4 bits is a row of its own, the reference stays at 16",
+    )
     p.add_argument("--n", type=int, help="images per policy and budget (default 500)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="images per batch (default 8)")
     p.add_argument(
@@ -103,6 +110,7 @@ SETTINGS = [
     "weights",
     "policies",
     "budgets",
+    "kv_bits",
     "n",
     "batch_size",
     "seed",

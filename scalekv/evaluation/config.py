@@ -39,6 +39,8 @@ class EvalConfig:
     weights: str | None = None
     policies: list[str] | None = None  # None: every registered policy; "full" is always added (the reference)
     budgets: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    # bit widths of the stored K/V, crossed with every policy and budget: 16 (the compute dtype), 8, 4 (quantised)
+    kv_bits: list[int] = field(default_factory=lambda: [16])
     n: int = 500
     batch_size: int = 8
     seed: int = 0
@@ -108,6 +110,17 @@ class EvalConfig:
                 raise ValueError(f"budget {b!r}: expected a fraction in (0, 1], e.g. 0.1 for 10%")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError(f"budgets={self.budgets!r}: a budget is listed twice")
+        if isinstance(self.kv_bits, int) and not isinstance(self.kv_bits, bool):
+            self.kv_bits = [self.kv_bits]
+        if not isinstance(self.kv_bits, list) or not self.kv_bits:
+            raise ValueError(f"kv_bits={self.kv_bits!r}: expected a non-empty list of bit widths from 16, 8, 4")
+        from ..cache.quant_store import KV_BITS
+
+        for q in self.kv_bits:
+            if isinstance(q, bool) or not isinstance(q, int) or q not in KV_BITS:
+                raise ValueError(f"kv_bits {q!r}: expected one of {list(KV_BITS)}")
+        if len(set(self.kv_bits)) != len(self.kv_bits):
+            raise ValueError(f"kv_bits={self.kv_bits!r}: a bit width is listed twice")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r}: expected 'auto', 'cpu' or 'cuda'")
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
@@ -209,8 +222,11 @@ class EvalConfig:
         """The settings that decide the run's images and measurements (compared when resuming into a folder).
 
         The thread count is one of them: CPU kernels may round differently with another count. A text-to-image run
-        is identified by a hash of its prompts (``prompts_sha1``), not by where the file lies."""
+        is identified by a hash of its prompts (``prompts_sha1``), not by where the file lies. ``kv_bits`` is left
+        out at its default ``[16]``, so that runs made before it existed still resume."""
         identity = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+        if identity["kv_bits"] == [16]:
+            del identity["kv_bits"]
         prompts = self.prompt_list()
         if prompts is not None:
             identity["prompts_sha1"] = hashlib.sha1(json.dumps(prompts).encode()).hexdigest()

@@ -15,6 +15,7 @@ from .storage import RunFolder, atomic_write_json, atomic_write_text
 COLUMNS = [
     "policy",
     "budget",
+    "kv_bits",
     "n",
     "psnr",
     "ssim",
@@ -51,11 +52,12 @@ def _bytes(value: float | None) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a GitHub markdown table: the columns of the ScaleKV paper's Table 1 (FID, LPIPS, PSNR against
     the full cache), SSIM, KV bytes per image (history, peak, their fractions of the reference full cache, and that
-    reference) and time."""
+    reference) and time; ``bits`` is the stored K/V's bit width (16: the compute dtype)."""
     lpips_kind = next((r["lpips_kind"] for r in rows if r.get("lpips_kind")), None)
     head = [
         "policy",
         "budget",
+        "bits",
         "FID ↓",
         f"LPIPS ({lpips_kind}) ↓" if lpips_kind else "LPIPS ↓",
         "PSNR (dB) ↑",
@@ -73,6 +75,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         cells = [
             r["policy"],
             budget,
+            str(r.get("kv_bits") or 16),  # rows of runs made before kv_bits existed are 16-bit
             _fmt(r["fid"], 2),
             _fmt(r["lpips"], 4),
             _fmt(r["psnr"], 2),
@@ -107,14 +110,22 @@ def check_plotting() -> None:
         raise MissingExtra(f"the plots need matplotlib (pip install 'scalekv[eval]' or matplotlib): {e}") from e
 
 
+def _series_label(row: dict[str, Any]) -> str:
+    """A plot line's label: the policy, with its bit width when quantised."""
+    bits = row.get("kv_bits", 16)
+    return row["policy"] if bits == 16 else f"{row['policy']} {bits}-bit"
+
+
 def plot_fidelity(rows: Sequence[dict[str, Any]], path) -> None:
-    """Fidelity (PSNR, SSIM, and LPIPS/FID when measured) against peak KV bytes per image, one line a policy."""
+    """Fidelity (PSNR, SSIM, and LPIPS/FID when measured) against peak KV bytes per image, one line a policy (and
+    bit width)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    policies = list(dict.fromkeys(r["policy"] for r in rows if r["budget"] is not None))
+    scored = [r for r in rows if r["psnr"] is not None]  # every row but the reference
+    series = list(dict.fromkeys(_series_label(r) for r in scored))
     metrics = [("psnr", "PSNR vs full (dB) ↑"), ("ssim", "SSIM vs full ↑")]
     metrics += [
         (k, label)
@@ -123,10 +134,12 @@ def plot_fidelity(rows: Sequence[dict[str, Any]], path) -> None:
     ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False, layout="constrained")
     for ax, (key, label) in zip(axes[0], metrics, strict=True):
-        for p in policies:
-            pts = sorted((r["kv_bytes_peak"] / 2**10, r[key]) for r in rows if r["policy"] == p and r[key] is not None)
+        for label in series:
+            pts = sorted(
+                (r["kv_bytes_peak"] / 2**10, r[key]) for r in scored if _series_label(r) == label and r[key] is not None
+            )
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xlabel("peak KV per image (KiB)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -136,19 +149,23 @@ def plot_fidelity(rows: Sequence[dict[str, Any]], path) -> None:
 
 
 def plot_time(rows: Sequence[dict[str, Any]], path) -> None:
-    """Seconds per image against the budget, one line a policy; the full cache as a dashed line."""
+    """Seconds per image against the budget, one line a policy (and bit width); the full cache as horizontal
+    lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
-    for p in dict.fromkeys(r["policy"] for r in rows if r["budget"] is not None):
-        pts = sorted((100 * r["budget"], 1e3 * r["seconds_per_image"]) for r in rows if r["policy"] == p)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+    budgeted = [r for r in rows if r["budget"] is not None]
+    for label in dict.fromkeys(_series_label(r) for r in budgeted):
+        pts = sorted((100 * r["budget"], 1e3 * r["seconds_per_image"]) for r in budgeted if _series_label(r) == label)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    styles = iter(("--", ":", "-."))
     for r in rows:
         if r["budget"] is None:
-            ax.axhline(1e3 * r["seconds_per_image"], color="k", linestyle="--", label="full cache")
+            label = "full cache" + ("" if r.get("kv_bits", 16) == 16 else f" {r['kv_bits']}-bit")
+            ax.axhline(1e3 * r["seconds_per_image"], color="k", linestyle=next(styles, "--"), label=label)
     ax.set_xlabel("KV budget (%)")
     ax.set_ylabel("time per image (ms)")
     ax.grid(alpha=0.3)

@@ -27,18 +27,21 @@ from .storage import RunFolder, setup_name
 
 @dataclass(frozen=True)
 class Setup:
-    """One row of the result table: a policy at a budget (the full cache has no budget)."""
+    """One row of the result table: a policy at a budget (the full cache has no budget) with its K/V stored at
+    ``kv_bits`` (16: the compute dtype; 8 or 4: quantised). The full cache at 16 bits is the reference; at 8 or 4
+    bits it is a row of its own (quantisation alone)."""
 
     policy: str
     budget: float | None
+    kv_bits: int = 16
 
     @property
     def name(self) -> str:
-        return setup_name(self.policy, self.budget)
+        return setup_name(self.policy, self.budget, self.kv_bits)
 
     @property
     def is_reference(self) -> bool:
-        return self.policy == "full"
+        return self.policy == "full" and self.kv_bits == 16
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ def make_batches(n: int, batch_size: int, seed: int, num_classes: int) -> list[B
 
 
 def resolve_setups(config: EvalConfig) -> list[Setup]:
-    """The full-cache reference first, then every policy at every budget, in the order given."""
+    """The full-cache reference first, then the full cache at every other bit width, then every policy at every
+    budget and bit width (in the order given)."""
     from ..cache import POLICIES
 
     names = list(POLICIES) if config.policies is None else list(config.policies)
@@ -75,8 +79,15 @@ def resolve_setups(config: EvalConfig) -> list[Setup]:
     bad_options = sorted(set(config.policy_options) - set(names))
     if bad_options:
         raise ValueError(f"policy_options for {bad_options}, which are not evaluated: expected some of {names}")
-    setups = [Setup("full", None)]
-    setups += [Setup(p, float(b)) for p in names if p != "full" for b in config.budgets]
+    for p, options in config.policy_options.items():
+        if "kv_bits" in options:
+            raise ValueError(
+                f"policy_options[{p!r}] sets kv_bits={options['kv_bits']!r}: expected the bit widths in kv_bits "
+                "(--kv-bits), which every policy is crossed with"
+            )
+    bits = config.kv_bits
+    setups = [Setup("full", None)] + [Setup("full", None, q) for q in bits if q != 16]
+    setups += [Setup(p, float(b), q) for p in names if p != "full" for b in config.budgets for q in bits]
     return setups
 
 
@@ -208,7 +219,8 @@ def plan_fingerprints(pipe, setups: list[Setup], config: EvalConfig) -> dict[str
 
 
 def make_setup_cache(setup: Setup, config: EvalConfig):
-    """A new cache for ``setup``: the policy at its budget with ``config.policy_options[policy]``, where the text
+    """A new cache for ``setup``: the policy at its budget and ``kv_bits`` with ``config.policy_options[policy]``
+    (which may set the quantised store's ``kv_group`` and ``kv_keys``), where the text
     ``{budget}`` inside a string option becomes the budget (e.g. ``plan: plans/demo_{budget}.json``)."""
     from ..cache import make_cache
     from ..hub import with_policy_defaults
@@ -229,6 +241,8 @@ def make_setup_cache(setup: Setup, config: EvalConfig):
         kwargs[key] = value
     if setup.budget is not None:
         kwargs["budget"] = setup.budget
+    if setup.kv_bits != 16:
+        kwargs["kv_bits"] = setup.kv_bits
     return make_cache(setup.policy, **kwargs)
 
 
@@ -430,6 +444,7 @@ def summarize(
         row: dict[str, Any] = {
             "policy": s.policy,
             "budget": s.budget,
+            "kv_bits": s.kv_bits,
             "n": n,
             "psnr": None,
             "ssim": None,

@@ -1,6 +1,7 @@
 """The run folder: its layout, atomic writes, and the check that a rerun belongs to it.
 
-Layout (``<setup>`` is ``full`` or ``<policy>_b<budget>``, ``<j>`` a 6-digit batch number, ``<i>`` an image index)::
+Layout (``<setup>`` is ``full`` or ``<policy>_b<budget>``, with ``_q<bits>`` appended under quantised storage,
+``<j>`` a 6-digit batch number, ``<i>`` an image index)::
 
     config.json                     the settings that decide images and numbers (compared on every rerun)
     images/<setup>/<i>.png          generated images, uint8 RGB
@@ -31,9 +32,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
-def setup_name(policy: str, budget: float | None) -> str:
-    """Folder name of one (policy, budget) pair: ``full`` or e.g. ``snapkv_b0.1``."""
-    return policy if budget is None else f"{policy}_b{budget:g}"
+def setup_name(policy: str, budget: float | None, kv_bits: int = 16) -> str:
+    """Folder name of one (policy, budget, kv_bits) setting: ``full`` or e.g. ``snapkv_b0.1``, with ``_q<bits>``
+    behind it for quantised storage (``full_q4``, ``snapkv_b0.1_q8``)."""
+    name = policy if budget is None else f"{policy}_b{budget:g}"
+    return name if kv_bits == 16 else f"{name}_q{kv_bits}"
 
 
 _ABSENT = object()  # a setting one side does not record at all (a run made by an older version)
