@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import CacheLayout, Scale, check_budget, make_scales
+from .settings import SELECTION_KEYS, check_selection  # noqa: F401  (SELECTION_KEYS: what a plan may carry)
 
 PLAN_FORMAT = "scalekv-plan/1"
 
@@ -256,30 +257,6 @@ class Plan:
         from ..atomic import atomic_write_text
 
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
-
-
-SELECTION_KEYS = ("selection", "grid", "kernel", "pooling", "scoring", "keep_window")
-
-
-def check_selection(selection: Mapping[str, Any]) -> None:
-    """A plan's selection settings: a subset of selection ('spec' or 'release'), grid (int >= 1), kernel (odd int
-    >= 1), pooling ('avg' or 'max'), scoring ('mass' or 'logits'; 'logits' only under 'release'), keep_window (a
-    bool; True only under 'release')."""
-    unknown = sorted(set(selection) - set(SELECTION_KEYS))
-    if unknown:
-        raise ValueError(f"selection keys {unknown}: expected some of {list(SELECTION_KEYS)}")
-    from .policy import check_pooling, positive_int  # these modules import this one
-    from .scalekv import check_keep_window, check_scoring, check_selection_mode
-
-    if "selection" in selection:
-        check_selection_mode(selection["selection"])
-    if "scoring" in selection:
-        check_scoring(selection["scoring"], selection.get("selection", "spec"))
-    if "keep_window" in selection:
-        check_keep_window(selection["keep_window"], selection.get("selection", "spec"))
-    if "grid" in selection:
-        positive_int("grid", selection["grid"])
-    check_pooling(selection.get("pooling", "avg"), selection.get("kernel", 1))
 
 
 def _is_int(x: Any) -> bool:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .base import CacheLayout, KVCache, LayerKV, Scale
 from .plan import Plan, uniform_plan
+from .settings import check_pooling, positive_int  # noqa: F401  (policies import them from here)
 
 # attention probabilities materialised at once by attention_mass, in elements (bounds its working memory)
 CHUNK_ELEMENTS = 1 << 26
@@ -116,16 +117,3 @@ def pool_scores(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
     else:
         raise ValueError(f"pooling={mode!r}: expected 'avg' or 'max'")
     return out.reshape(rows, heads, length)
-
-
-def check_pooling(pooling: str, kernel: int) -> None:
-    if pooling not in ("avg", "max"):
-        raise ValueError(f"pooling={pooling!r}: expected 'avg' or 'max'")
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"kernel={kernel!r}: expected an odd integer >= 1")
-
-
-def positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-    return value

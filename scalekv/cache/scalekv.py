@@ -11,8 +11,17 @@ import torch.nn.functional as F
 
 from .base import CacheLayout, LayerKV, Scale
 from .plan import PAPER_REFINER_END, PAPER_REFINER_START, Plan, load_plan, rule_plan
-from .policy import CHUNK_ELEMENTS, ScoredPolicy, attention_mass, check_pooling, pool_scores, positive_int
+from .policy import CHUNK_ELEMENTS, ScoredPolicy, attention_mass, pool_scores
 from .registry import register
+from .settings import (  # noqa: F401  (re-exported: ScaleKV's settings)
+    SCORINGS,
+    SELECTIONS,
+    check_keep_window,
+    check_pooling,
+    check_scoring,
+    check_selection_mode,
+    positive_int,
+)
 
 
 def grid_window(h: int, w: int, grid: int) -> torch.Tensor:
@@ -99,37 +108,6 @@ def release_keep(
     rest = pooled.topk(capacity - window.numel(), dim=-1).indices
     kept = torch.cat((rest, window.expand(rows, heads, -1)), dim=-1)
     return kept.sort(dim=-1).values
-
-
-SELECTIONS = ("spec", "release")
-SCORINGS = ("mass", "logits")  # softmax attention mass (SPEC §5) or summed raw logits (the release)
-
-
-def check_selection_mode(selection: str) -> str:
-    """ScaleKV's ``selection``: 'spec' (SPEC §5) or 'release' (the published code's choice); returns it."""
-    if not isinstance(selection, str) or selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r}: expected one of {', '.join(map(repr, SELECTIONS))}")
-    return selection
-
-
-def check_scoring(scoring: str, selection: str = "spec") -> str:
-    """ScaleKV's ``scoring``: 'mass' or 'logits' under the 'spec' selection; the 'release' selection scores by
-    logits only. Returns it."""
-    if not isinstance(scoring, str) or scoring not in SCORINGS:
-        raise ValueError(f"scoring={scoring!r}: expected one of {', '.join(map(repr, SCORINGS))}")
-    if selection == "release" and scoring != "logits":
-        raise ValueError(f"scoring={scoring!r} with selection='release': the release scores by raw logits only")
-    return scoring
-
-
-def check_keep_window(keep_window: bool, selection: str = "spec") -> bool:
-    """ScaleKV's ``keep_window``: whether the observation window is always kept (SPEC §5, and always under the
-    'release' selection) or only scores the other tokens and competes with them. Returns it."""
-    if not isinstance(keep_window, bool):
-        raise ValueError(f"keep_window={keep_window!r}: expected True or False")
-    if selection == "release" and not keep_window:
-        raise ValueError("keep_window=False with selection='release': the release always keeps its window")
-    return keep_window
 
 
 DEFAULT_GRID, DEFAULT_KERNEL, DEFAULT_SELECTION = 4, 5, "spec"  # SPEC §5

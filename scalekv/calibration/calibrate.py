@@ -285,7 +285,7 @@ def calibrate(
     compresses no scale: the result is then the keep-everything plan, made without a calibration pass (there is
     nothing to choose), and it carries no statistics.
     """
-    from ..cache.plan import check_selection
+    from ..cache.settings import check_selection
     from ..checks import check_seed, check_seeding
     from .search import check_mode
 

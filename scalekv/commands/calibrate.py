@@ -117,7 +117,7 @@ def plot_paths(out: Path) -> list[Path]:
 def check_args(args: argparse.Namespace) -> Path:
     """Every argument that can be checked without the model, before it is loaded; returns the plan path."""
     from ..cache.base import check_budget
-    from ..cache.plan import check_selection
+    from ..cache.settings import check_selection
     from ..checks import check_device, check_seed, check_seeding
     from ..outputs import check_output_file
     from .plan import check_plan_out
@@ -151,7 +151,7 @@ def _seed_count(args: argparse.Namespace, inputs: int) -> int:
 
 
 def selection_flags(args: argparse.Namespace) -> dict:
-    from ..cache.plan import SELECTION_KEYS
+    from ..cache.settings import SELECTION_KEYS
 
     flags = {k: getattr(args, k) for k in SELECTION_KEYS if getattr(args, k) is not None}
     if "keep_window" in flags:
