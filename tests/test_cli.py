@@ -55,6 +55,15 @@ def test_generate_on_the_demo_model_uses_its_sampling_and_calibrated_plan(tmp_pa
     assert np.array_equal(saved, expected)
 
 
+def test_generate_without_labels_makes_one_image_per_named_class_and_refuses_otherwise(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["generate", "--model", "demo", "--policy", "snapkv", "--budget", "0.1", "--out", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["labels"] == list(range(10)) and len(stats["images"]) == 10
+    assert main(["generate", "--model", "var-d16", "--out", str(tmp_path / "other")]) == 2
+    assert "--labels is required for 'var-d16'" in capsys.readouterr().err
+
+
 def test_infinity_scalekv_without_plan_takes_the_released_plan_at_1024_only():
     from scalekv.cache.plan import PLANS_DIR
     from scalekv.commands.generate import cache_from_args

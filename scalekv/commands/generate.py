@@ -13,7 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images and write PNGs + stats.json")
     p.add_argument("--model", required=True, help="model name, e.g. var-d16, demo, infinity-2b")
     p.add_argument("--weights", help="folder with the model's checkpoint files")
-    p.add_argument("--labels", help="VAR: comma-separated class ids, e.g. 207,360")
+    p.add_argument(
+        "--labels",
+        help="VAR: comma-separated class ids, e.g. 207,360 (default for a model with named classes, e.g. demo: one "
+        "image of each class)",
+    )
     p.add_argument("--prompt", action="append", help="Infinity: a text prompt (repeat for a batch)")
     p.add_argument("--vae", help="Infinity: the BSQ-VAE file (infinity_vae_d32reg.pth, ...)")
     p.add_argument("--t5", help="Infinity: local flan-t5-xl folder (never downloaded)")
@@ -154,8 +158,14 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag} applies to Infinity models only, not {args.model!r}")
     if args.labels is None:
-        raise ValueError(f"--labels is required for {args.model!r}")
-    labels = parse_labels(args.labels)
+        from ..hub import MODELS
+
+        names = MODELS[args.model].class_names if args.model in MODELS else None
+        if not names:
+            raise ValueError(f"--labels is required for {args.model!r}")
+        labels = list(range(len(names)))
+    else:
+        labels = parse_labels(args.labels)
     seeds = seed_record(args.seed, len(labels), args.seeding)  # refuses seed + len(labels) - 1 >= 2**63 up front
     sampling = default_sampling(args.model, args.weights)  # the official VAR settings; the demo model's own
     sampling = with_flags(sampling, args)
