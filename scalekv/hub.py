@@ -38,16 +38,32 @@ def default_plan(model: str, budget: float | None, weights: str | Path | None = 
     return path if path.is_file() else None
 
 
+HEAD_AWARE = ("hack", "heatkv", "ams_kv")  # the policies that read per-head statistics (``calibration``)
+
+
+def default_head_stats(model: str, weights: str | Path | None = None) -> Path | None:
+    """The per-head statistics shipped for ``model`` (the demo: ``plans/head_stats.json``, made by ``scalekv
+    calibrate --method hack``), or None."""
+    if model != DEMO:
+        return None
+    path = (Path(weights) if weights else DEMO_DIR) / "plans" / "head_stats.json"
+    return path if path.is_file() else None
+
+
 def policy_defaults(model: str, policy: str, budget: float | None, weights=None, schedule=None) -> dict:
-    """Arguments ``policy`` takes by default on ``model`` beyond its budget: ScaleKV's shipped plan, if any."""
+    """Arguments ``policy`` takes by default on ``model`` beyond its budget: ScaleKV's shipped plan, the head-aware
+    policies' shipped statistics, if any."""
+    if policy in HEAD_AWARE:
+        path = default_head_stats(model, weights)
+        return {"calibration": str(path)} if path is not None else {}
     if policy != "scalekv":
         return {}
     path = default_plan(model, budget, weights, schedule)
     return {"plan": str(path)} if path is not None else {}
 
 
-# the arguments that make a ScaleKV cache's plan: given one, the shipped plan is not added (drafters: the SPEC §4 rule)
-PLAN_SOURCES = frozenset({"plan", "drafters"})
+# the arguments that make a policy's plan or calibration: given one, the shipped default is not added
+PLAN_SOURCES = frozenset({"plan", "drafters", "calibration", "contextual", "demanding", "seed"})
 
 
 def with_policy_defaults(

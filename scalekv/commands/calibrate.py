@@ -61,6 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, help="record ScaleKV's observation grid in the plan (default: SPEC's 4)")
     p.add_argument("--kernel", type=int, help="record ScaleKV's pooling kernel in the plan (default: SPEC's 5)")
     p.add_argument("--pooling", choices=("avg", "max"), help="record ScaleKV's pooling in the plan (default avg)")
+    p.add_argument("--method", choices=("asi", "hack", "heatkv", "ams_kv"), default="asi", help="asi: a ScaleKV plan "
+                   "(default); hack/heatkv/ams_kv: the per-head statistics those policies read (budget unused)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -141,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     from ..hub import default_sampling, load_pipeline
     from ..infinity_pipeline import infinity_names
 
+    if args.method != "asi":
+        from ..calibration.heads import run_cli
+
+        return run_cli(args)
     out = check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
