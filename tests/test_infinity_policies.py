@@ -14,6 +14,7 @@ from scalekv.cache import POLICIES, make_cache
 from scalekv.models.infinity import Infinity
 from scalekv.schedules import ScaleSchedule, get_schedule
 
+from .helpers import HEAD_AWARE_KWARGS
 from .test_infinity import random_text, tiny_config, tiny_pipeline
 
 SCHEDULE = ScaleSchedule(1.0, "first 6 of 1:1", get_schedule(1.0, "1M").sizes[:6], (64, 64))  # 265 tokens
@@ -29,6 +30,7 @@ def policy_kwargs(name: str, depth: int) -> dict:
         kwargs["budget"] = BUDGET
     if "drafters" in params:
         kwargs["drafters"] = [0, depth - 1]
+    kwargs.update(HEAD_AWARE_KWARGS.get(name, {}))
     return kwargs
 
 

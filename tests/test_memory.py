@@ -11,7 +11,7 @@ import torch
 from scalekv.cache import POLICIES, KVCache, KVStore, make_cache
 from scalekv.cache.store import ConcatStore, arena_tokens
 
-from .helpers import tiny_pipeline
+from .helpers import HEAD_AWARE_KWARGS, tiny_pipeline
 from .test_infinity_policies import SCHEDULE, policy_kwargs, random_text
 from .test_infinity_policies import tiny_pipeline as tiny_infinity
 
@@ -22,6 +22,7 @@ def kwargs_for(name: str, depth: int, budget: float) -> dict:
     kw = {"budget": budget}
     if "drafters" in inspect.signature(POLICIES[name]).parameters:
         kw["drafters"] = [0, depth - 1]
+    kw.update(HEAD_AWARE_KWARGS.get(name, {}))
     return kw
 
 
