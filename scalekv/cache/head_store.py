@@ -162,7 +162,7 @@ class HeadLayer:
         scale = self.store.scales[self._scale]
         self._scale += 1
         rows, _, n, _ = k.shape
-        here = torch.arange(scale.start, scale.end, device=k.device).expand(rows, n)
+        here = torch.arange(scale.start, scale.end, device=k.device).expand(rows, n).contiguous()
         ks, vs = [], []
         for h, head in enumerate(self.heads):
             kh, vh = head.open(k[:, h : h + 1], v[:, h : h + 1], last)
