@@ -15,7 +15,7 @@ from .policy import Policy, positive_int
 from .registry import register
 
 # Chosen by measurement on the demo model (docs/head_aware.md); PEERS §3.2 gives no values (hand-set per model).
-DEFAULT_DEMANDING_SHARE = 0.5
+DEFAULT_DEMANDING_SHARE = 0.25
 DEFAULT_RATIO = 2.0
 
 

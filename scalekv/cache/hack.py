@@ -15,8 +15,8 @@ from .registry import register
 
 # Chosen by measurement on the demo model (docs/head_aware.md): the share of heads that are contextual and the
 # contextual budget as a fraction of B (PEERS §2.2: both unconfirmed in the paper).
-DEFAULT_ALPHA = 0.5
-DEFAULT_CONTEXTUAL_SHARE = 0.5
+DEFAULT_ALPHA = 0.25
+DEFAULT_CONTEXTUAL_SHARE = 0.25
 
 
 def observation_queries(n: int, count: int) -> torch.Tensor:
