@@ -1,10 +1,11 @@
 """Attention over heads of different lengths: the per-head store's alternatives, timed on the same tensors.
 
 For each length pattern (one layer, Infinity-2B-like heads: 16 heads of 64 channels, 2 rows, one 32x32 map of
-queries), prints the time of every mode of :func:`scalekv.cache.head_store.ragged_attention` (``group``: one SDPA
-per set of equal-length heads; ``loop``: one per head; ``pad``: one SDPA over heads padded to the longest, masked;
-``flex``: FlexAttention over the packed heads, where it runs) over the time of one dense SDPA over heads that all
-hold the mean length (the same tokens, unpadded), fastest of ``--repeat``, fp32.
+queries), prints the time of every mode of :func:`scalekv.cache.head_store.ragged_attention` over the time of one
+dense SDPA over heads that all hold the mean length (the same tokens, unpadded), fastest of ``--repeat``, fp32:
+``auto`` (one SDPA over all heads when they agree, else one per head), ``group`` (one SDPA per set of equal-length
+heads, stacked), ``loop`` (one per head), ``pad`` (one SDPA over heads padded to the longest, masked) and ``flex``
+(FlexAttention over the packed heads; CUDA only by default: uncompiled on CPU it is two orders slower).
 
     .venv/bin/python benchmarks/bench_ragged.py --threads 1
 """

@@ -87,7 +87,7 @@ def test_head_store_gives_the_per_layer_stores_images_bit_for_bit():
         assert (a.kv_bytes_peak, a.kv_bytes_history) == (b.kv_bytes_peak, b.kv_bytes_history)
 
 
-@pytest.mark.parametrize("mode", ["group", "loop", "pad"])
+@pytest.mark.parametrize("mode", ["auto", "group", "loop", "pad"])
 def test_ragged_attention_matches_masked_dense_attention(mode):
     g = torch.Generator().manual_seed(0)
     rows, heads, n, dim, lengths = 2, 5, 6, 8, [9, 4, 9, 12, 4]

@@ -6,15 +6,15 @@ own preallocated two-stack arena (a :class:`KVStore` of one head, sized from tha
 the tokens the head keeps, never padded to the longest head of its layer. ``kv_bytes_peak`` is the sum of the heads'
 arenas and copy scratch; ``nbytes`` counts the tokens held.
 
-Every kept token carries its source position in the generation (``positions[h]``, ``(rows, length_h)`` int64;
+Every kept token carries its source position in the generation (``positions[h]``, ``(rows, length_h)`` int32;
 :meth:`HeadLayer.source_scales` gives the scale index), gathered along with K and V, so a policy can tell scales
 apart after any number of cuts. The tags are bookkeeping, not KV: they are not counted in the KV bytes.
 
-The attention over heads of different lengths (:func:`ragged_attention`) runs one SDPA per group of heads holding
-the same length on CPU (``"group"``, measured fastest there; see docs/head_aware.md), or one call over all heads
-(``"pad"``: one SDPA over the heads padded to the longest with a mask, only for the attention, or ``"flex"``: one
-FlexAttention call over the packed heads). The mode is :data:`ATTENTION_MODE` per device type unless the store is
-made with ``attention=...``.
+The attention over heads of different lengths (:func:`ragged_attention`) runs, on CPU, one SDPA over all heads
+when they agree and one per head otherwise (``"auto"``, measured fastest there: docs/head_aware.md), or one call
+over all heads on CUDA (``"pad"``: one SDPA over the heads padded to the longest with a mask, only for the
+attention; ``"flex"``: one FlexAttention call over the packed heads). The mode is :data:`ATTENTION_MODE` per device
+type unless the store is made with ``attention=...``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from .store import KVStore
 
-ATTENTION_MODES = ("group", "loop", "pad", "flex")
-ATTENTION_MODE = {"cpu": "group", "cuda": "pad"}  # the default per device type (others: "group")
+ATTENTION_MODES = ("auto", "group", "loop", "pad", "flex")
+ATTENTION_MODE = {"cpu": "auto", "cuda": "pad"}  # the default per device type (others: "auto")
 
 
 def check_attention_mode(mode: str) -> str:
@@ -52,14 +52,18 @@ def ragged_attention(
     """``softmax(softmax_scale * q k_h^T) v_h`` for every head ``h``: ``(rows, heads, n, D)``.
 
     ``q``: ``(rows, heads, n, D)``; ``ks[h]``, ``vs[h]``: ``(rows, 1, L_h, D)``, the lengths ``L_h`` free.
-    ``mode``: ``"group"`` (one SDPA per set of heads of equal length, their K/V stacked), ``"loop"`` (one SDPA per
-    head), ``"pad"`` (one SDPA over the heads padded to the longest, a mask hiding the padding) or ``"flex"`` (one
+    ``mode``: ``"auto"`` (one SDPA over the stacked heads when every length agrees, else one per head), ``"group"``
+    (one SDPA per set of heads of equal length, their K/V stacked), ``"loop"`` (one SDPA per head), ``"pad"`` (one SDPA over the heads padded to the longest, a mask hiding the padding) or ``"flex"`` (one
     FlexAttention call over all heads packed end to end)."""
     heads = q.shape[1]
     lengths = [k.shape[2] for k in ks]
+    if mode == "auto":
+        mode = "group" if len(set(lengths)) == 1 else "loop"
     if mode == "loop" or (mode == "group" and len(set(lengths)) == heads):
-        outs = [F.scaled_dot_product_attention(q[:, h : h + 1], ks[h], vs[h], scale=softmax_scale) for h in range(heads)]
-        return torch.cat(outs, dim=1)
+        out = q.new_empty(q.shape)  # written head by head: one head's result exists twice at most
+        for h in range(heads):
+            out[:, h : h + 1] = F.scaled_dot_product_attention(q[:, h : h + 1], ks[h], vs[h], scale=softmax_scale)
+        return out
     if mode == "group":
         groups: dict[int, list[int]] = {}
         for h, n in enumerate(lengths):
@@ -154,7 +158,7 @@ class HeadLayer:
         return self._dense("v")
 
     def source_scales(self, h: int) -> torch.Tensor:
-        """The scale index every token of head ``h`` comes from, ``(rows, L_h)`` int64."""
+        """The scale index every token of head ``h`` comes from, ``(rows, L_h)`` int32."""
         return torch.bucketize(self.positions[h], self.store.scale_ends(self.positions[h].device), right=True)
 
     def open_heads(self, k: torch.Tensor, v: torch.Tensor, last: bool) -> tuple[list, list]:
@@ -162,7 +166,7 @@ class HeadLayer:
         scale = self.store.scales[self._scale]
         self._scale += 1
         rows, _, n, _ = k.shape
-        here = torch.arange(scale.start, scale.end, device=k.device).expand(rows, n).contiguous()
+        here = torch.arange(scale.start, scale.end, device=k.device, dtype=torch.int32).expand(rows, n).contiguous()
         ks, vs = [], []
         for h, head in enumerate(self.heads):
             kh, vh = head.open(k[:, h : h + 1], v[:, h : h + 1], last)
@@ -183,7 +187,7 @@ class HeadLayer:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool, softmax_scale: float):
         """Open the current map and attend over every head's history plus the map: ``(rows, heads, n, D)``."""
         ks, vs = self.open_heads(k, v, last)
-        mode = self.store.attention or ATTENTION_MODE.get(q.device.type, "group")
+        mode = self.store.attention or ATTENTION_MODE.get(q.device.type, "auto")
         return ragged_attention(q, ks, vs, softmax_scale, mode)
 
     def keep(self, index) -> None:
@@ -234,7 +238,7 @@ class HeadStore:
 
     def scale_ends(self, device: torch.device) -> torch.Tensor:
         if device not in self._ends:
-            self._ends[device] = torch.tensor([s.end for s in self.scales], device=device)
+            self._ends[device] = torch.tensor([s.end for s in self.scales], device=device, dtype=torch.int32)
         return self._ends[device]
 
     def release(self) -> None:
