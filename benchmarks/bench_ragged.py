@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--modes", help="comma-separated subset (default: all; flex only on CUDA, eager flex is unusable on CPU)")
+    p.add_argument(
+        "--modes", help="comma-separated subset (default: all; flex only on CUDA, eager flex is unusable on CPU)"
+    )
     args = p.parse_args(argv)
     modes = args.modes.split(",") if args.modes else [m for m in ATTENTION_MODES if m != "flex" or args.device != "cpu"]
     torch.set_num_threads(args.threads)
@@ -58,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         return best
 
     q = torch.randn(args.rows, args.heads, args.queries, args.head_dim, device=dev, generator=g)
-    print(f"# {args.heads} heads x {args.head_dim}, {args.rows} rows, {args.queries} queries, {dev}, "
-          f"{args.threads} thread(s), torch {torch.__version__}")
+    print(
+        f"# {args.heads} heads x {args.head_dim}, {args.rows} rows, {args.queries} queries, {dev}, "
+        f"{args.threads} thread(s), torch {torch.__version__}"
+    )
     print("| lengths | dense (ms) | " + " | ".join(f"{m} / dense" for m in modes) + " |")
     print("|---" * (2 + len(modes)) + "|")
     for label, lengths in patterns(args.heads).items():
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         vs = [torch.randn_like(k) for k in ks]
         mean = round(sum(lengths) / len(lengths))
         kd = torch.randn(args.rows, args.heads, mean, args.head_dim, device=dev, generator=g)
-        dense = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, kd, kd))
+        dense = timed(lambda kd=kd: torch.nn.functional.scaled_dot_product_attention(q, kd, kd))
         cells = []
         for mode in modes:
             try:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as e:  # noqa: BLE001  (a mode the platform cannot run is reported, not hidden)
                 cells.append(f"n/a ({type(e).__name__})")
                 continue
-            cells.append(f"{timed(lambda m=mode: ragged_attention(q, ks, vs, 1.0, m)) / dense:.2f}")
+            cells.append(f"{timed(lambda m=mode, ks=ks, vs=vs: ragged_attention(q, ks, vs, 1.0, m)) / dense:.2f}")
         print(f"| {label} | {dense * 1e3:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -108,7 +108,13 @@ class KVCache:
                 f"budget={budget!r}: the {self.name!r} cache keeps every token, expected 1.0 "
                 "(pick a compressing policy)"
             )
-        self.store_class, self.timing, self.kv_bits, self.kv_group, self.kv_keys = self.default_store, None, 16, None, "token"
+        self.store_class, self.timing, self.kv_bits, self.kv_group, self.kv_keys = (
+            self.default_store,
+            None,
+            16,
+            None,
+            "token",
+        )
         self.layout: CacheLayout | None = None
         self.store = None
         self.layers: list = []
@@ -203,7 +209,10 @@ class KVCache:
                     past = past if isinstance(past, tuple) else (past,) * layout.num_heads
                     caps = cap if isinstance(cap, tuple) else (cap,) * layout.num_heads
                     row.append(
-                        tuple(p + scale.length if c is None else min(c, p + scale.length) for p, c in zip(past, caps))
+                        tuple(
+                            p + scale.length if c is None else min(c, p + scale.length)
+                            for p, c in zip(past, caps, strict=True)
+                        )
                     )
                 else:
                     total = past + scale.length
@@ -284,7 +293,9 @@ class KVCache:
     def _keep_per_head(self, layer: int, scale: Scale, q: torch.Tensor, store, caps: tuple[int, ...]) -> None:
         lengths = getattr(store, "lengths", None)
         if lengths is None:
-            raise RuntimeError(f"{type(self).__name__} gives per-head capacities: it needs a per-head store (HeadStore)")
+            raise RuntimeError(
+                f"{type(self).__name__} gives per-head capacities: it needs a per-head store (HeadStore)"
+            )
         if all(n <= c for n, c in zip(lengths, caps, strict=True)):
             store.commit()
             return

@@ -99,7 +99,9 @@ class HACK(Policy):
             return [[ctx if c else struct for c in row] for row in self.kinds.tolist()]
 
         provenance = {"rule": "hack", "contextual_heads": n_ctx, "contextual_share": self.contextual_share}
-        return head_plan(layout.scales, layout.num_layers, layout.num_heads, self.budget, targets, provenance=provenance)
+        return head_plan(
+            layout.scales, layout.num_layers, layout.num_heads, self.budget, targets, provenance=provenance
+        )
 
     def select(self, layer: int, scale: Scale, q: torch.Tensor, store, capacity) -> list[torch.Tensor]:
         obs = observation_queries(scale.length, self.queries).to(q.device)

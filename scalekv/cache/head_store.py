@@ -53,8 +53,9 @@ def ragged_attention(
 
     ``q``: ``(rows, heads, n, D)``; ``ks[h]``, ``vs[h]``: ``(rows, 1, L_h, D)``, the lengths ``L_h`` free.
     ``mode``: ``"auto"`` (one SDPA over the stacked heads when every length agrees, else one per head), ``"group"``
-    (one SDPA per set of heads of equal length, their K/V stacked), ``"loop"`` (one SDPA per head), ``"pad"`` (one SDPA over the heads padded to the longest, a mask hiding the padding) or ``"flex"`` (one
-    FlexAttention call over all heads packed end to end)."""
+    (one SDPA per set of heads of equal length, their K/V stacked), ``"loop"`` (one SDPA per head), ``"pad"`` (one
+    SDPA over the heads padded to the longest, a mask hiding the padding) or ``"flex"`` (one FlexAttention call
+    over all heads packed end to end)."""
     heads = q.shape[1]
     lengths = [k.shape[2] for k in ks]
     if mode == "auto":
@@ -105,7 +106,9 @@ def _flex_attention(q, ks, vs, softmax_scale, lengths):
     v = torch.cat([x.transpose(0, 1).reshape(1, -1, dim) for x in vs], 1)
     dev = q.device
     q_doc = torch.arange(heads * rows, device=dev).repeat_interleave(n)
-    k_doc = torch.cat([torch.arange(h * rows, (h + 1) * rows, device=dev).repeat_interleave(lengths[h]) for h in range(heads)])
+    k_doc = torch.cat(
+        [torch.arange(h * rows, (h + 1) * rows, device=dev).repeat_interleave(lengths[h]) for h in range(heads)]
+    )
 
     def same_head(b, hh, qi, ki):
         return q_doc[qi] == k_doc[ki]

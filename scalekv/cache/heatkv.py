@@ -95,7 +95,11 @@ class HeatKV(Policy):
                     need = self._remove(kept, [list(range(layers * heads))] * len(scales), [s], need, floor=int(s == 0))
             self._kept.append(kept.reshape(layers, heads, -1).clone())
             rows.append(kept.sum(1).reshape(layers, heads).tolist())
-        provenance = {"rule": "heatkv", "protected": self.protected, "order": "random" if self.stats is None else "scas"}
+        provenance = {
+            "rule": "heatkv",
+            "protected": self.protected,
+            "order": "random" if self.stats is None else "scas",
+        }
         return plan_from_heads(scales, rows, self.budget, provenance=provenance)
 
     @staticmethod

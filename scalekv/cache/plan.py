@@ -228,15 +228,13 @@ class Plan:
             raise ValueError("head capacities need at least one head per layer")
         for k, row in enumerate(self.heads):
             if len(row) != self.num_layers or any(len(r) != width for r in row):
-                raise ValueError(
-                    f"scale {k}: expected {self.num_layers} layers x {width} heads of head capacities"
-                )
+                raise ValueError(f"scale {k}: expected {self.num_layers} layers x {width} heads of head capacities")
             held = self.head_held(k)
             for layer, (caps, most) in enumerate(zip(row, held, strict=True)):
                 for h, (c, m) in enumerate(zip(caps, most, strict=True)):
                     if not _is_int(c) or not 1 <= c <= m:
                         raise ValueError(
-                            f"head capacity {c!r} at scale {k}, layer {layer}, head {h}: expected 1..{m} (what it holds)"
+                            f"head capacity {c!r} at scale {k}, layer {layer}, head {h}: expected 1..{m} (what it holds)"  # noqa: E501
                         )
                 if self.capacities[k][layer] != round(sum(caps) / width):
                     raise ValueError(

@@ -61,8 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, help="record ScaleKV's observation grid in the plan (default: SPEC's 4)")
     p.add_argument("--kernel", type=int, help="record ScaleKV's pooling kernel in the plan (default: SPEC's 5)")
     p.add_argument("--pooling", choices=("avg", "max"), help="record ScaleKV's pooling in the plan (default avg)")
-    p.add_argument("--method", choices=("asi", "hack", "heatkv", "ams_kv"), default="asi", help="asi: a ScaleKV plan "
-                   "(default); hack/heatkv/ams_kv: the per-head statistics those policies read (budget unused)")
+    p.add_argument(
+        "--method",
+        choices=("asi", "hack", "heatkv", "ams_kv"),
+        default="asi",
+        help="asi: a ScaleKV plan "
+        "(default); hack/heatkv/ams_kv: the per-head statistics those policies read (budget unused)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument(
