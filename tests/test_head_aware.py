@@ -247,4 +247,4 @@ def test_a_head_stores_peak_is_the_sum_of_its_heads_arenas():
     store = HeadStore(lay, held)
     one = dataclasses.replace(lay, num_heads=1)
     per = [KVStore(one, [[entry[h] for entry in row] for row in held]) for h in range(3)]
-    assert store.peak_bytes == sum(s.peak_bytes for s in per) < KVStore(lay, [[5] * 2, [5] * 2]).peak_bytes
+    assert store.peak_bytes == sum(s.peak_bytes for s in per) < KVStore(lay, [[1, 1], [5, 5]]).peak_bytes
