@@ -53,8 +53,23 @@ def bench_config() -> tuple[InfinityConfig, BSQVAEConfig]:
     return cfg, vae
 
 
-def policy_cache(name: str, budget: float, plan: Path | None, depth: int):
+def uncalibrated(name: str, depth: int, heads: int) -> dict:
+    """What a head-aware policy takes on random weights, which have no statistics worth calibrating: HACK with every
+    other head contextual, AMS-KV with the first half of the layers demanding, HeatKV with random removal orders
+    (memory and time depend on the counts, not on which heads)."""
+    if name == "hack":
+        return {"contextual": [[layer, h] for layer in range(depth) for h in range(0, heads, 2)]}
+    if name == "ams_kv":
+        return {"demanding": list(range(max(1, depth // 2)))}
+    if name == "heatkv":
+        return {"seed": 0}
+    return {}
+
+
+def policy_cache(name: str, budget: float, plan: Path | None, depth: int, heads: int = 2):
     params = inspect.signature(POLICIES[name]).parameters
+    if uncalibrated(name, depth, heads):
+        return make_cache(name, budget=budget, **uncalibrated(name, depth, heads))
     if name == "full":
         return make_cache(name)
     if "plan" in params and plan is not None:

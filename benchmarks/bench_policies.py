@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,9 @@ from scalekv.cache.quant_store import QuantizedKVStore, check_kv_bits
 from scalekv.cache.store import ConcatStore
 from scalekv.models import VARConfig, VQVAEConfig
 from scalekv.pipeline import random_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_infinity import uncalibrated  # noqa: E402
 
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.generate(labels, seed=0)  # warm-up
 
     def maker(name: str, budget: float, bits: int):
-        extra = {"drafters": drafters} if name == "scalekv" else {}
+        extra = {"drafters": drafters} if name == "scalekv" else uncalibrated(name, cfg.depth, cfg.num_heads)
         if name != "full":
             extra["budget"] = budget
         return lambda: make_cache(name, kv_bits=bits, **extra)

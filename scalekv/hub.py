@@ -55,6 +55,7 @@ class ModelEntry:
     plans: tuple[tuple[int, str], ...] = ()
     plans_in_folder: bool = False
     plan_size: str | None = None
+    head_stats: str | None = None  # the head-aware policies' shipped statistics, relative to the model's folder
     class_names: tuple[str, ...] | None = None  # human names of the labels, where the model has them
     folder: Path | None = field(default=None, compare=False)  # the shipped copy (demo)
 
@@ -76,6 +77,13 @@ class ModelEntry:
                 "top_k and top_p; re-export the model with `scalekv train export`"
             )
         return dict(sampling)
+
+    def head_stats_path(self, weights: str | Path | None = None) -> Path | None:
+        """The shipped per-head statistics (HACK, HeatKV, AMS-KV read them), or None."""
+        if self.head_stats is None:
+            return None
+        path = (Path(weights) if weights else self.folder) / self.head_stats
+        return path if path.is_file() else None
 
     def plan_path(self, budget: float | None, weights=None, schedule=None) -> Path | None:
         """The shipped ScaleKV plan for ``budget`` (None: 10%) and ``schedule`` (None: the default), or None."""
@@ -147,6 +155,7 @@ def _demo_entry() -> ModelEntry:
         tokenizer_files=("vae.safetensors",),
         plans=tuple((p, f"plans/scalekv_{p}pct.json") for p in (4, 10, 20)),
         plans_in_folder=True,
+        head_stats="plans/head_stats.json",
         class_names=CLASSES,
         folder=DEMO_DIR,
     )
@@ -188,16 +197,29 @@ def default_plan(model: str, budget: float | None, weights: str | Path | None = 
     return MODELS[model].plan_path(budget, weights, schedule) if model in MODELS else None
 
 
+HEAD_AWARE = ("hack", "heatkv", "ams_kv")  # the policies that read per-head statistics (``calibration``)
+
+
+def default_head_stats(model: str, weights: str | Path | None = None) -> Path | None:
+    """The per-head statistics shipped for ``model`` (the demo: ``plans/head_stats.json``, made by ``scalekv
+    calibrate --method hack``), or None."""
+    return MODELS[model].head_stats_path(weights) if model in MODELS else None
+
+
 def policy_defaults(model: str, policy: str, budget: float | None, weights=None, schedule=None) -> dict:
-    """Arguments ``policy`` takes by default on ``model`` beyond its budget: ScaleKV's shipped plan, if any."""
+    """Arguments ``policy`` takes by default on ``model`` beyond its budget: ScaleKV's shipped plan, the head-aware
+    policies' shipped statistics, if any."""
+    if policy in HEAD_AWARE:
+        path = default_head_stats(model, weights)
+        return {"calibration": str(path)} if path is not None else {}
     if policy != "scalekv":
         return {}
     path = default_plan(model, budget, weights, schedule)
     return {"plan": str(path)} if path is not None else {}
 
 
-# the arguments that make a ScaleKV cache's plan: given one, the shipped plan is not added (drafters: the SPEC §4 rule)
-PLAN_SOURCES = frozenset({"plan", "drafters"})
+# the arguments that make a policy's plan or calibration: given one, the shipped default is not added
+PLAN_SOURCES = frozenset({"plan", "drafters", "calibration", "contextual", "demanding", "seed"})
 
 
 def with_policy_defaults(

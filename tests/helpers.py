@@ -32,3 +32,7 @@ def tiny_vae_config(**overrides) -> VQVAEConfig:
 def tiny_pipeline(seed: int = 0, **var_overrides) -> VARPipeline:
     var_cfg = tiny_var_config(**var_overrides)
     return random_pipeline(var_cfg, tiny_vae_config(patch_nums=var_cfg.patch_nums), seed=seed)
+
+
+# what the head-aware policies need beyond a budget when no calibration is at hand (valid for any model)
+HEAD_AWARE_KWARGS = {"hack": {"contextual": [[0, 0]]}, "ams_kv": {"demanding": [0]}, "heatkv": {"seed": 0}}

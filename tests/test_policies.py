@@ -39,6 +39,9 @@ CASES: dict[str, Case] = {
     "h2o": Case(),
     "random": Case({"seed": 3}),
     "scalekv": Case({"drafters": [0]}),
+    "hack": Case({"contextual": [[0, 0]]}),
+    "ams_kv": Case({"demanding": [0]}, data_dependent=False),
+    "heatkv": Case({"seed": 0}, data_dependent=False),
 }
 COMPRESSING = [name for name in CASES if POLICIES[name].compresses]
 BUDGETS = [0.3, 0.1, 0.01]  # 0.01 keeps one token per layer: below every observation window
@@ -70,9 +73,11 @@ def drive(cache: KVCache, lay: CacheLayout, data: dict[str, torch.Tensor]) -> li
                 "scale": scale.index,
                 "capacity": capacity,
                 "length": store.length,
+                "lengths": getattr(store, "lengths", [store.length] * lay.num_heads),
                 "index": index,
-                "k": store.k.clone(),
-                "v": store.v.clone(),
+                "k": [x.clone() for x in head_views(store, "k")] if hasattr(store, "heads") else store.k.clone(),
+                "heads_k": [x.clone() for x in head_views(store, "k")],
+                "heads_v": [x.clone() for x in head_views(store, "v")],
             }
         )
         return index
@@ -82,16 +87,36 @@ def drive(cache: KVCache, lay: CacheLayout, data: dict[str, torch.Tensor]) -> li
         part = slice(scale.start, scale.end)
         for layer in range(lay.num_layers):
             q, k, v = (data[n][:, :, part] + layer for n in ("q", "k", "v"))
-            k_all, _ = cache.update(layer, scale, q, k, v)
+            cache.attend(layer, scale, q, k, v)
             n_before = len(records)
             cache.compress(layer, scale, q)
             if len(records) > n_before:  # the store now holds exactly the selected tokens
                 r = records[-1]
-                gather = r["index"].unsqueeze(-1).expand(-1, -1, -1, lay.head_dim)
-                assert torch.equal(cache.layers[layer].k, r["k"].gather(2, gather))
-                assert torch.equal(cache.layers[layer].v, r["v"].gather(2, gather))
+                store = cache.layers[layer]
+                for h, idx in enumerate(per_head(r["index"])):
+                    gather = idx.unsqueeze(-1).expand(-1, -1, lay.head_dim)
+                    assert torch.equal(head_views(store, "k")[h], r["heads_k"][h].gather(1, gather))
+                    assert torch.equal(head_views(store, "v")[h], r["heads_v"][h].gather(1, gather))
     del cache.select
     return records
+
+
+def head_views(store, which: str) -> list[torch.Tensor]:
+    """Every head's keys or values ``(rows, L_h, D)``, on a per-layer or a per-head store."""
+    if hasattr(store, "heads"):
+        return [getattr(h, which)[:, 0] for h in store.heads]
+    t = getattr(store, which)
+    return [t[:, h] for h in range(t.shape[1])]
+
+
+def per_head(index) -> list[torch.Tensor]:
+    """A selection as one ``(rows, m_h)`` tensor per head (from ``(rows, heads, m)`` or a per-head list)."""
+    return list(index) if isinstance(index, (list, tuple)) else [index[:, h] for h in range(index.shape[1])]
+
+
+def same_rows(a, b, row_a: int | slice, row_b: int | slice | None = None) -> bool:
+    row_b = row_a if row_b is None else row_b
+    return all(torch.equal(x[row_a], y[row_b]) for x, y in zip(per_head(a), per_head(b), strict=True))
 
 
 def random_data(lay: CacheLayout, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -134,7 +159,8 @@ def test_generation_retains_exactly_the_planned_capacity(pipe, name, budget):
     avg = average_capacity(budget, lay.scales)
     assert avg == round(budget * (lay.scales[-1].start))
     first = first_compressed_scale(lay.scales, avg)
-    caps = cache.plan.capacities
+    heads = cache.plan.heads  # per-head capacities: a layer's tokens are the mean over its heads
+    caps = cache.plan.capacities if heads is None else [[sum(r) / len(r) for r in row] for row in heads]
     per_token = 2 * lay.rows * lay.num_heads * lay.head_dim * 4  # K and V, float32
     for scale, rec in zip(lay.scales, gen.scales, strict=True):
         if scale.is_last:  # the last map is attended over and dropped: nothing is stored after it
@@ -150,7 +176,12 @@ def test_generation_retains_exactly_the_planned_capacity(pipe, name, budget):
             assert rec.cache_lengths == [scale.end] * lay.num_layers
     assert cache.compress_seconds > 0
     assert gen.kv_bytes_history == sum(caps[-2]) * per_token
-    assert gen.kv_bytes_peak == expected_peak(caps, lay) * per_token < gen.kv_bytes_reference
+    if heads is None:
+        peak = expected_peak(caps, lay)
+    else:  # one arena per head, each sized from that head's capacities
+        peak = sum(expected_peak([[r[h] for r in row] for row in heads], lay) for h in range(lay.num_heads))
+        peak /= lay.num_heads
+    assert gen.kv_bytes_peak == peak * per_token < gen.kv_bytes_reference
     assert gen.kv_bytes_reference == lay.num_layers * lay.total_tokens * per_token
 
 
@@ -190,13 +221,19 @@ def test_selection_on_non_square_and_tiny_maps(name, budget):
     cache = build(name, budget)
     records = drive(cache, lay, random_data(lay))
     assert records, "a budget below 1 must compress"
-    caps = cache.plan.capacities
+    plan = cache.plan
+    caps = plan.capacities if plan.heads is None else [[sum(r) / len(r) for r in row] for row in plan.heads]
     for r in records:
-        index = r["index"]
-        assert index.shape == (lay.rows, lay.num_heads, r["capacity"]) and index.dtype == torch.int64
-        assert r["capacity"] == caps[r["scale"]][r["layer"]] < r["length"]
-        assert bool((index[..., 1:] > index[..., :-1]).all()), "indices must be strictly increasing (sorted, unique)"
-        assert int(index.min()) >= 0 and int(index.max()) < r["length"]
+        planned = plan.heads[r["scale"]][r["layer"]] if plan.heads is not None else caps[r["scale"]][r["layer"]]
+        assert r["capacity"] == planned
+        head_caps = r["capacity"] if isinstance(r["capacity"], tuple) else (r["capacity"],) * lay.num_heads
+        assert sum(head_caps) < sum(r["lengths"])
+        if not isinstance(r["capacity"], tuple):
+            assert r["index"].shape == (lay.rows, lay.num_heads, r["capacity"])
+        for h, index in enumerate(per_head(r["index"])):
+            assert index.shape == (lay.rows, min(head_caps[h], r["lengths"][h])) and index.dtype == torch.int64
+            assert bool((index[..., 1:] > index[..., :-1]).all()), "indices must be strictly increasing"
+            assert int(index.min()) >= 0 and int(index.max()) < r["lengths"][h]
     assert all(r["scale"] != len(lay.scales) - 1 for r in records), "the last scale is never compressed"
     assert [s.length for s in cache.layers] == [0] * lay.num_layers  # and its keys are dropped
     assert cache.scale_lengths[-2] == list(caps[-2])
@@ -213,13 +250,13 @@ def test_cfg_rows_select_independently(name):
     b = drive(build(name, 0.2), lay, changed)
     assert len(a) == len(b)
     for ra, rb in zip(a, b, strict=True):  # the uncond row changed: the cond row's choice does not
-        assert torch.equal(ra["index"][0], rb["index"][0])
+        assert same_rows(ra["index"], rb["index"], 0)
     if CASES[name].data_dependent:  # and the rows do make their own choices
-        assert any(not torch.equal(r["index"][0], r["index"][1]) for r in a)
+        assert any(not same_rows(r["index"], r["index"], 0, 1) for r in a)
         swapped = drive(build(name, 0.2), lay, {n: t.flip(0) for n, t in base.items()})
         if name != "random":  # random draws by position, not by data
             for ra, rs in zip(a, swapped, strict=True):
-                assert torch.equal(ra["index"], rs["index"].flip(0))
+                assert same_rows(ra["index"], [x.flip(0) for x in per_head(rs["index"])], slice(None))
 
 
 @pytest.mark.parametrize(

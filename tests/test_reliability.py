@@ -499,7 +499,12 @@ def test_plans_whose_labels_disagree_with_their_capacities_are_refused(tmp_path)
 
 
 @pytest.mark.parametrize(
-    "path", [*sorted(PLANS_DIR.glob("*.json")), *sorted((DEMO_DIR / "plans").glob("*.json"))], ids=lambda p: p.name
+    "path",
+    [
+        *sorted(PLANS_DIR.glob("*.json")),
+        *sorted(p for p in (DEMO_DIR / "plans").glob("*.json") if p.name != "head_stats.json"),
+    ],
+    ids=lambda p: p.name,
 )
 def test_shipped_plans_load_with_their_capacities_exactly(path):
     plan = load_plan(path)

@@ -1,8 +1,13 @@
 """KV caches: the storage and interface the models use, and the compression policies (one file each)."""
 
 # importing a policy's module registers it
+from .ams_kv import AMSKV
 from .base import CacheLayout, KVCache, LayerKV, Scale, check_budget, make_scales
 from .h2o import H2O
+from .hack import HACK
+from .head_stats import HeadStats, load_head_stats
+from .head_store import HeadStore
+from .heatkv import HeatKV
 from .plan import Plan, load_plan, pyramid_plan, rule_plan, uniform_plan
 from .pyramidkv import PyramidKV
 from .random import RandomKeep
@@ -18,6 +23,9 @@ __all__ = [
     "KVCache",
     "LayerKV",
     "KVStore",
+    "HeadStore",
+    "HeadStats",
+    "load_head_stats",
     "Scale",
     "check_budget",
     "make_scales",
@@ -36,4 +44,7 @@ __all__ = [
     "H2O",
     "RandomKeep",
     "ScaleKV",
+    "HACK",
+    "AMSKV",
+    "HeatKV",
 ]

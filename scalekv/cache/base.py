@@ -4,14 +4,17 @@ Protocol (one cache object per generation, created by the caller):
 
 * ``reset(layout)`` is called by the generation loop before the first scale; it drops all state, so a cache object
   may be reused and nothing leaks between two generations.
-* In every self-attention layer at every scale the attention calls
-  ``k_all, v_all = cache.update(layer, scale, q, k, v)`` with the current scale's real queries, keys and values,
-  shaped ``(rows, heads, h*w, head_dim)`` exactly as the attention uses them (after normalisation, the learned scale
-  and, for Infinity, RoPE). It attends over what it gets back.
+* In every self-attention layer at every scale the attention calls ``out = cache.attend(layer, scale, q, k, v)``
+  with the current scale's real queries, keys and values, shaped ``(rows, heads, h*w, head_dim)`` exactly as the
+  attention uses them (after normalisation, the learned scale and, for Infinity, RoPE), and gets the attention
+  output back: the cache attends over its history plus the current map, per head when its heads hold different
+  lengths (:mod:`scalekv.cache.head_store`). ``k_all, v_all = cache.update(...)`` returns the dense keys and values
+  instead, for stores whose heads agree.
 * After that attention it calls ``cache.compress(layer, scale, q)`` with the same queries; a policy may then shrink
   the layer's storage for the next scale. The base class never compresses: it is the full cache.
 
-Policies override :meth:`KVCache.capacity` (tokens to keep) and :meth:`KVCache.select` (which tokens); the models
+Policies override :meth:`KVCache.capacity` (tokens to keep: one count per layer, or one per head) and
+:meth:`KVCache.select` (which tokens); the models
 never see a policy. Rows are ``[cond; uncond]`` under classifier-free guidance and are treated independently.
 
 Attention logits are ``layout.softmax_scale * q @ k^T``: the queries carry the learned scale, and the models with
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..schedules import Scale, make_scales  # noqa: F401  (re-exported: the cache API names them)
 from .store import KVStore, LayerKV  # noqa: F401  (LayerKV: the type policies read)
@@ -94,6 +98,7 @@ class KVCache:
 
     name = "full"
     compresses = False
+    default_store: Callable = KVStore  # what the policy stores in unless configured otherwise
     clock = staticmethod(time.perf_counter)  # what compress_seconds is measured with (a benchmark may pick CPU time)
 
     def __init__(self, budget: float = 1.0) -> None:
@@ -103,7 +108,13 @@ class KVCache:
                 f"budget={budget!r}: the {self.name!r} cache keeps every token, expected 1.0 "
                 "(pick a compressing policy)"
             )
-        self.store_class, self.timing, self.kv_bits, self.kv_group, self.kv_keys = KVStore, None, 16, None, "token"
+        self.store_class, self.timing, self.kv_bits, self.kv_group, self.kv_keys = (
+            self.default_store,
+            None,
+            16,
+            None,
+            "token",
+        )
         self.kv_sinks: int | None = None
         self.layout: CacheLayout | None = None
         self.store = None
@@ -149,6 +160,11 @@ class KVCache:
             self.kv_sinks = check_kv_sinks(kv_sinks)
         if store is not None and self.kv_bits != 16:
             raise ValueError(f"store={store!r} with kv_bits={self.kv_bits}: a custom store cannot be quantised")
+        if self.kv_bits != 16 and self.default_store is not KVStore:
+            raise ValueError(
+                f"kv_bits={self.kv_bits}: the {self.name!r} policy keeps its heads in a per-head store, which is not "
+                "quantised; expected kv_bits=16"
+            )
         if store is not None:
             self.store_class = store
         elif any(x is not None for x in (kv_bits, kv_group, kv_keys, kv_sinks)):
@@ -158,7 +174,7 @@ class KVCache:
                         f"kv_group={self.kv_group!r}, kv_keys={self.kv_keys!r}, kv_sinks={self.kv_sinks!r}: only "
                         "with kv_bits 8 or 4"
                     )
-                self.store_class = KVStore
+                self.store_class = self.default_store
             else:
                 bits, group, keys, sinks = self.kv_bits, self.kv_group, self.kv_keys, self.kv_sinks
 
@@ -188,16 +204,27 @@ class KVCache:
     def on_reset(self, layout: CacheLayout) -> None:
         """Hook for policies that precompute per-generation state (plans, window indices)."""
 
-    def planned_lengths(self, layout: CacheLayout) -> list[list[int]]:
+    def planned_lengths(self, layout: CacheLayout) -> list[list]:
         """Tokens every layer keeps after every scale but the last (what the store is sized for), from
-        :meth:`capacity`."""
+        :meth:`capacity`: one count per layer, or a tuple of one per head where the capacity is per head."""
         held, before = [], [0] * layout.num_layers
         for scale in layout.scales[:-1]:
             row = []
             for layer in range(layout.num_layers):
                 cap = self.capacity(layer, scale) if self.compresses else None
-                total = before[layer] + scale.length
-                row.append(total if cap is None else min(cap, total))
+                past = before[layer]
+                if isinstance(cap, tuple) or isinstance(past, tuple):
+                    past = past if isinstance(past, tuple) else (past,) * layout.num_heads
+                    caps = cap if isinstance(cap, tuple) else (cap,) * layout.num_heads
+                    row.append(
+                        tuple(
+                            p + scale.length if c is None else min(c, p + scale.length)
+                            for p, c in zip(past, caps, strict=True)
+                        )
+                    )
+                else:
+                    total = past + scale.length
+                    row.append(total if cap is None else min(cap, total))
             held.append(row)
             before = row
         return held
@@ -208,6 +235,20 @@ class KVCache:
             self.store.release()
 
     # -- what the attention calls ------------------------------------------------------------------------------
+    def attend(self, layer: int, scale: Scale, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Put the current scale's ``k``, ``v`` behind the layer's history and return the attention of ``q`` over
+        both, ``(rows, heads, h*w, head_dim)``, with ``layout.softmax_scale`` (per head on a per-head store)."""
+        if self.layout is None:
+            raise RuntimeError("the cache was not reset for a generation: call cache.reset(layout) first")
+        store = self.layers[layer]
+        if not hasattr(store, "attend"):
+            k_all, v_all = self.update(layer, scale, q, k, v)
+            return F.scaled_dot_product_attention(q, k_all, v_all, scale=self.layout.softmax_scale)
+        before = store.nbytes
+        out = store.attend(q, k, v, scale.is_last, self.layout.softmax_scale)
+        self.nbytes += store.nbytes - before
+        return out
+
     def update(
         self, layer: int, scale: Scale, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +277,11 @@ class KVCache:
             start = self.clock() if timed else 0.0
             self.observe(layer, scale, q, store)
             cap = self.capacity(layer, scale)
-            if cap is not None and store.length > cap:
+            if isinstance(cap, tuple):
+                self._keep_per_head(layer, scale, q, store, cap)
+            elif cap is not None and store.length > cap:
                 index = self.select(layer, scale, q, store, cap)
-                expected = (store.k.shape[0], store.k.shape[1], cap)
+                expected = (q.shape[0], q.shape[1], cap)
                 if tuple(index.shape) != expected:
                     raise RuntimeError(f"{type(self).__name__}.select gave {tuple(index.shape)}, expected {expected}")
                 store.keep(index)
@@ -255,18 +298,37 @@ class KVCache:
         self.scale_lengths[scale.index][layer] = store.length
         self.scale_nbytes[scale.index][layer] = store.nbytes
 
+    def _keep_per_head(self, layer: int, scale: Scale, q: torch.Tensor, store, caps: tuple[int, ...]) -> None:
+        lengths = getattr(store, "lengths", None)
+        if lengths is None:
+            raise RuntimeError(
+                f"{type(self).__name__} gives per-head capacities: it needs a per-head store (HeadStore)"
+            )
+        if all(n <= c for n, c in zip(lengths, caps, strict=True)):
+            store.commit()
+            return
+        caps = tuple(min(n, c) for n, c in zip(lengths, caps, strict=True))
+        index = self.select(layer, scale, q, store, caps)
+        got = [tuple(i.shape) for i in index]
+        expected = [(q.shape[0], c) for c in caps]
+        if got != expected:
+            raise RuntimeError(f"{type(self).__name__}.select gave per-head shapes {got}, expected {expected}")
+        store.keep(index)
+
     # -- what a policy overrides -------------------------------------------------------------------------------
     def observe(self, layer: int, scale: Scale, q: torch.Tensor, store) -> None:
         """Called at every scale but the last, before any selection, for policies that accumulate statistics."""
 
-    def capacity(self, layer: int, scale: Scale) -> int | None:
+    def capacity(self, layer: int, scale: Scale) -> int | tuple[int, ...] | None:
         """Tokens ``layer`` keeps for the scales after ``scale``; None keeps everything.
 
-        One number per layer: every head keeps the same count (per-head capacities would return one per head)."""
+        One number for the layer (every head keeps the same count), or a tuple of one per head (on a per-head
+        store)."""
         return None
 
-    def select(self, layer: int, scale: Scale, q: torch.Tensor, store, capacity: int) -> torch.Tensor:
-        """Indices ``(rows, heads, capacity)`` of the tokens to keep, sorted ascending per row and head."""
+    def select(self, layer: int, scale: Scale, q: torch.Tensor, store, capacity):
+        """Indices ``(rows, heads, capacity)`` of the tokens to keep, sorted ascending per row and head; for a
+        per-head ``capacity`` tuple, a list of one ``(rows, capacity[h])`` tensor per head."""
         raise NotImplementedError(f"{type(self).__name__} sets a capacity but does not implement select()")
 
     # -- accounting --------------------------------------------------------------------------------------------

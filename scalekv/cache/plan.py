@@ -96,6 +96,10 @@ class Plan:
     ``k`` (empty where a policy has no drafters); ``budget`` the fraction the plan was made for. ``selection``
     optionally fixes ScaleKV's token-selection settings for the model the plan was calibrated on (``selection``,
     ``grid``, ``kernel``, ``pooling``); a cache built from the plan uses them unless told otherwise.
+
+    ``heads``, where heads of a layer keep different counts: ``heads[k][l]`` one capacity per head (a per-head
+    store holds them); ``capacities[k][l]`` is then the layer's mean over its heads, rounded, and ``B`` is the
+    exact mean over layers and heads.
     """
 
     schedule: tuple[tuple[int, int], ...]
@@ -105,6 +109,7 @@ class Plan:
     model: str = ""
     provenance: Mapping[str, Any] = field(default_factory=dict)
     selection: Mapping[str, Any] = field(default_factory=dict)
+    heads: tuple[tuple[tuple[int, ...], ...], ...] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,6 +123,11 @@ class Plan:
     def num_layers(self) -> int:
         return len(self.capacities[0])
 
+    @property
+    def num_heads(self) -> int | None:
+        """Heads per layer of a per-head plan (None for one count per layer)."""
+        return None if self.heads is None else len(self.heads[0][0])
+
     def held(self, k: int) -> list[int]:
         """Tokens every layer holds at scale ``k`` before compression: what it kept plus the new map."""
         size = self.schedule[k][0] * self.schedule[k][1]
@@ -125,8 +135,21 @@ class Plan:
             return [size] * self.num_layers
         return [c + size for c in self.capacities[k - 1]]
 
+    def head_held(self, k: int) -> list[tuple[int, ...]]:
+        """A per-head plan's tokens every head holds at scale ``k`` before compression."""
+        size = self.schedule[k][0] * self.schedule[k][1]
+        if k == 0:
+            return [(size,) * self.num_heads] * self.num_layers
+        return [tuple(c + size for c in row) for row in self.heads[k - 1]]
+
     def compressed(self, k: int) -> bool:
-        """Whether any layer drops tokens after scale ``k``."""
+        """Whether any layer (or head) drops tokens after scale ``k``."""
+        if self.heads is not None:
+            return any(
+                c < h
+                for row, held in zip(self.heads[k], self.head_held(k), strict=True)
+                for c, h in zip(row, held, strict=True)
+            )
         return any(c < h for c, h in zip(self.capacities[k], self.held(k), strict=True))
 
     @property
@@ -137,7 +160,11 @@ class Plan:
     def average_capacity(self) -> float:
         """``B``: the largest layer-average capacity over the compressed scales, in tokens (the whole prefix when
         nothing is compressed)."""
-        means = [sum(self.capacities[k]) / self.num_layers for k in self.compressed_scales]
+        if self.heads is not None:
+            per = self.num_layers * self.num_heads
+            means = [sum(map(sum, self.heads[k])) / per for k in self.compressed_scales]
+        else:
+            means = [sum(self.capacities[k]) / self.num_layers for k in self.compressed_scales]
         return max(means) if means else float(self.scales[-1].start)
 
     def check_layout(self, layout: CacheLayout) -> None:
@@ -191,14 +218,42 @@ class Plan:
                     f"drafters {list(self.drafters[k])} at scale {k}: expected distinct layers in 0..{n - 1}"
                 )
         check_selection(self.selection)
+        if self.heads is not None:
+            self._validate_heads()
+
+    def _validate_heads(self) -> None:
+        if len(self.heads) != len(self.schedule):
+            raise ValueError(f"{len(self.schedule)} scales but {len(self.heads)} rows of head capacities")
+        width = len(self.heads[0][0]) if self.heads[0] else 0
+        if width < 1:
+            raise ValueError("head capacities need at least one head per layer")
+        for k, row in enumerate(self.heads):
+            if len(row) != self.num_layers or any(len(r) != width for r in row):
+                raise ValueError(f"scale {k}: expected {self.num_layers} layers x {width} heads of head capacities")
+            held = self.head_held(k)
+            for layer, (caps, most) in enumerate(zip(row, held, strict=True)):
+                for h, (c, m) in enumerate(zip(caps, most, strict=True)):
+                    if not _is_int(c) or not 1 <= c <= m:
+                        raise ValueError(
+                            f"head capacity {c!r} at scale {k}, layer {layer}, head {h}: expected 1..{m} (what it holds)"  # noqa: E501
+                        )
+                if self.capacities[k][layer] != round(sum(caps) / width):
+                    raise ValueError(
+                        f"capacity {self.capacities[k][layer]} at scale {k}, layer {layer}: expected the mean of its "
+                        f"head capacities, {round(sum(caps) / width)}"
+                    )
+            if k == len(self.schedule) - 1 and [tuple(r) for r in row] != held:
+                raise ValueError(f"the last scale ({k}) is never compressed: expected its head capacities held")
 
     # -- JSON --------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Our documented JSON form (see the README): one entry per scale with drafter flags and capacities."""
         scales = []
-        for (h, w), caps, drafters in zip(self.schedule, self.capacities, self.drafters, strict=True):
+        for k, ((h, w), caps, drafters) in enumerate(zip(self.schedule, self.capacities, self.drafters, strict=True)):
             flags = [1 if layer in drafters else 0 for layer in range(self.num_layers)]
             scales.append({"h": h, "w": w, "drafter": flags, "capacity": list(caps)})
+            if self.heads is not None:
+                scales[-1]["head_capacity"] = [list(r) for r in self.heads[k]]
         return {
             "format": PLAN_FORMAT,
             "model": self.model,
@@ -219,7 +274,7 @@ class Plan:
         scales = data["scales"]
         if not isinstance(scales, list) or not scales:
             raise ValueError('"scales" must be a non-empty list')
-        schedule, caps, drafters = [], [], []
+        schedule, caps, drafters, heads = [], [], [], []
         for k, entry in enumerate(scales):
             if not isinstance(entry, dict) or not {"h", "w", "drafter", "capacity"} <= entry.keys():
                 raise ValueError(f"scale entry {k} must be an object with h, w, drafter and capacity")
@@ -236,6 +291,13 @@ class Plan:
             schedule.append((entry["h"], entry["w"]))
             caps.append(tuple(row))
             drafters.append(tuple(i for i, f in enumerate(flags) if f))
+            per_head = entry.get("head_capacity")
+            if per_head is not None:
+                if not isinstance(per_head, list) or not all(isinstance(r, list) for r in per_head):
+                    raise ValueError(f"scale entry {k}: head_capacity must be a list (layers) of lists (heads)")
+                heads.append(tuple(tuple(r) for r in per_head))
+        if heads and len(heads) != len(scales):
+            raise ValueError("head_capacity must be given for every scale or for none")
         provenance = data.get("provenance", {})
         if not isinstance(provenance, dict):
             raise ValueError('"provenance" must be an object')
@@ -250,6 +312,7 @@ class Plan:
             str(data.get("model", "")),
             provenance,
             selection,
+            tuple(heads) if heads else None,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -303,6 +366,62 @@ def build_plan(
     rows = tuple(tuple(sorted(d)) for d in drafters) if drafters is not None else tuple(() for _ in scales)
     return Plan(
         tuple((s.h, s.w) for s in scales), tuple(caps), rows, check_budget(budget), model, dict(provenance or {})
+    )
+
+
+def head_plan(
+    scales: Sequence[Scale],
+    num_layers: int,
+    num_heads: int,
+    budget: float,
+    targets: Callable[[int, int, int], list[list[float]]],
+    *,
+    provenance: Mapping[str, Any] | None = None,
+) -> Plan:
+    """A per-head plan: each scale keeps everything while the layers fit in ``B``; after every later scale but the
+    last, the ``num_layers * num_heads * B`` head-tokens are shared by :func:`allocate` over all heads in proportion
+    to ``targets(scale index, compressed-scale counter, B)`` (``[layer][head]``), each capped at what it holds. The
+    mean over layers and heads is then exactly ``B`` at every compressed scale."""
+    if num_layers < 1 or num_heads < 1:
+        raise ValueError(f"num_layers={num_layers!r}, num_heads={num_heads!r}: expected at least 1 of each")
+    avg = average_capacity(budget, scales)
+    rows: list[tuple[tuple[int, ...], ...]] = []
+    held = [[0] * num_heads for _ in range(num_layers)]
+    j = 0
+    for scale in scales:
+        held = [[c + scale.length for c in r] for r in (rows[-1] if rows else held)]
+        flat = [c for r in held for c in r]
+        if scale.is_last or sum(flat) <= num_layers * num_heads * avg:
+            rows.append(tuple(tuple(r) for r in held))
+            continue
+        want = [t for r in targets(scale.index, j, avg) for t in r]
+        got = allocate(num_layers * num_heads * avg, want, flat)
+        rows.append(tuple(tuple(got[l * num_heads : (l + 1) * num_heads]) for l in range(num_layers)))
+        j += 1
+    return plan_from_heads(scales, rows, budget, provenance=provenance)
+
+
+def plan_from_heads(
+    scales: Sequence[Scale],
+    heads: Sequence[Sequence[Sequence[int]]],
+    budget: float,
+    *,
+    model: str = "",
+    provenance: Mapping[str, Any] | None = None,
+) -> Plan:
+    """The :class:`Plan` of per-head capacities ``heads[scale][layer][head]`` (layer capacities: their means)."""
+    heads = tuple(tuple(tuple(int(c) for c in r) for r in row) for row in heads)
+    caps = tuple(tuple(round(sum(r) / len(r)) for r in row) for row in heads)
+    empty = tuple(() for _ in scales)
+    return Plan(
+        tuple((s.h, s.w) for s in scales),
+        caps,
+        empty,
+        check_budget(budget),
+        model,
+        dict(provenance or {}),
+        {},
+        heads,
     )
 
 

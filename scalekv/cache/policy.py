@@ -37,14 +37,16 @@ class Policy(KVCache):
     def on_reset(self, layout: CacheLayout) -> None:
         plan = self.make_plan(layout)
         plan.check_layout(layout)
+        if plan.heads is not None and plan.num_heads != layout.num_heads:
+            raise ValueError(f"the plan gives {plan.num_heads} heads per layer, but the model has {layout.num_heads}")
         self.plan = plan
-        self._capacities = plan.capacities
+        self._capacities = plan.heads if plan.heads is not None else plan.capacities
 
     def make_plan(self, layout: CacheLayout) -> Plan:
         """The capacities for this generation; uniform unless a policy says otherwise."""
         return uniform_plan(layout.scales, layout.num_layers, self.budget)
 
-    def capacity(self, layer: int, scale: Scale) -> int:
+    def capacity(self, layer: int, scale: Scale) -> int | tuple[int, ...]:
         return self._capacities[scale.index][layer]
 
 

@@ -109,6 +109,11 @@ class KVStore:
                 f"held lengths for {len(held)} scales; expected {len(scales) - 1} non-last scales x "
                 f"{layout.num_layers} layers"
             )
+        if any(isinstance(e, (tuple, list)) for row in held for e in row):
+            raise ValueError(
+                "the plan gives heads of a layer different capacities: KVStore holds one count per layer; "
+                "expected store=scalekv.cache.HeadStore"
+            )
         before = [0] * layout.num_layers
         for k, scale in enumerate(scales[:-1]):
             for l in range(layout.num_layers):

@@ -84,6 +84,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("yes", "no"),
         help="whether ScaleKV always keeps its observation window (searched; default yes, as the paper)",
     )
+    p.add_argument(
+        "--method",
+        choices=("asi", "hack", "heatkv", "ams_kv"),
+        default="asi",
+        help="asi: a ScaleKV plan (default); hack/heatkv/ams_kv: the per-head statistics those policies read (budget "
+        "unused)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -177,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checks import check_seed
     from ..hub import PROMPTS, default_sampling, input_kind, load_pipeline
 
+    if args.method != "asi":
+        from ..calibration.heads import run_cli
+
+        return run_cli(args)
     out = check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

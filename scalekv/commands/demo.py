@@ -102,16 +102,22 @@ def run_demo(
     """Generate ``labels`` under every cache setting; the first row is the full cache (the reference). ``model``
     and ``weights`` (as given to ``load_pipeline``) locate ScaleKV's shipped plans; ``seeding`` is the
     ``generate`` option (image ``i`` seeded ``seed + i``, or one generator for the batch); ``kv_bits`` (8 or 4)
-    quantises the stored K/V of every policy row, the full-cache reference row staying at 16 bits."""
-    from ..cache import make_cache
-    from ..calibration.calibrate import calibrate
-    from ..hub import policy_defaults
+    quantises the stored K/V of every policy row, the full-cache reference row staying at 16 bits; the per-head
+    policies, whose store is not quantised, are then left out. Where the model ships no head statistics, the
+    head-aware policies' are measured once, on the same images ScaleKV's plan would be calibrated on."""
+    from ..cache import POLICIES, KVStore, make_cache
+    from ..calibration.calibrate import bound_generate, calibrate, default_inputs
+    from ..calibration.heads import collect_head_stats
+    from ..hub import HEAD_AWARE, policy_defaults
     from ..metrics import psnr, ssim
 
     # warm-up, so that one-time costs do not count against "full"
     pipe.generate(labels[:2], seed=seed, seeding=seeding, **sampling)
     rows: list[DemoRow] = []
+    head_stats = None
     for name, budget, options in cache_settings():
+        if kv_bits != 16 and POLICIES[name].default_store is not KVStore:
+            continue
         if budget is None:
             cache = make_cache(name)
         else:
@@ -124,7 +130,15 @@ def run_demo(
                     pipe, budget, samples=CALIBRATION_SAMPLES, model=model, search="off", **sampling
                 )
                 source = f"calibrated now on {CALIBRATION_SAMPLES} images, default settings (no plan ships)"
+            if name in HEAD_AWARE and "calibration" not in options:
+                if head_stats is None:
+                    inputs = default_inputs(pipe.model.cfg.num_classes, CALIBRATION_SAMPLES)
+                    head_stats = collect_head_stats(bound_generate(pipe.generate, sampling), inputs, model=model)
+                options["calibration"] = head_stats
             cache = make_cache(name, budget=budget, **options)
+            if name in HEAD_AWARE:  # the row records where the statistics came from
+                given = options["calibration"]
+                options = {**options, "calibration": Path(given).name if isinstance(given, str) else "measured now"}
             if source is not None:  # the row records where the plan came from
                 options = {**options, "plan": source}
         gen = pipe.generate(labels, cache=cache, seed=seed, seeding=seeding, **sampling)

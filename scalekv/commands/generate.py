@@ -89,11 +89,12 @@ def cache_from_args(args: argparse.Namespace, schedule=None):
     from ..cache import make_cache
     from ..hub import policy_defaults
 
+    defaults = policy_defaults(args.model, args.policy, args.budget, args.weights, schedule)
     if not args.plan:
-        args.plan = policy_defaults(args.model, args.policy, args.budget, args.weights, schedule).get("plan")
+        args.plan = defaults.get("plan")
         if args.plan:
             print(f"scalekv: using the plan shipped for {args.model}: {Path(args.plan).name}")
-    kwargs = {}
+    kwargs = {k: v for k, v in defaults.items() if k != "plan"}  # e.g. the head-aware policies' statistics
     if args.budget is not None:
         kwargs["budget"] = args.budget
     if args.plan:

@@ -214,6 +214,8 @@ def plan_fingerprints(pipe, setups: list[Setup], config: EvalConfig) -> dict[str
         plan = getattr(cache, "plan", None)
         if plan is not None:
             text = json.dumps([plan.capacities, plan.drafters, dict(getattr(plan, "selection", {}))])
+            if getattr(plan, "heads", None) is not None:  # per-head capacities
+                text += json.dumps(plan.heads)
             out[setup.name] = hashlib.sha1(text.encode()).hexdigest()[:16]
     return out
 

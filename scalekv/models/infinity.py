@@ -231,10 +231,10 @@ class SelfAttention(nn.Module):
         q = apply_rope(F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul), rope)
         k = apply_rope(F.normalize(k, dim=-1, eps=1e-12), rope)
         if cache is not None:
-            k, v = cache.update(self.layer, scale, q, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        if cache is not None:
+            out = cache.attend(self.layer, scale, q, k, v)
             cache.compress(self.layer, scale, q)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

@@ -102,10 +102,10 @@ class SelfAttention(nn.Module):
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
             k = F.normalize(k, dim=-1)
         if cache is not None:
-            k, v = cache.update(self.layer, scale, q, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        if cache is not None:
+            out = cache.attend(self.layer, scale, q, k, v)
             cache.compress(self.layer, scale, q)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
