@@ -46,3 +46,18 @@ def save_figure(fig, path, dpi: int = 110, tight: bool = False):
     fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def tile_grid(images: torch.Tensor, cols: int, zoom: int = 3, pad: int = 2, left: int = 0, top: int = 0):
+    """Float ``(N, C, H, W)`` in [0, 1] as one white PIL canvas, row-major ``cols`` per row, each image upscaled
+    ``zoom`` times (nearest) with ``pad`` pixels between tiles and a ``left`` x ``top`` margin for labels."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = -(-n // cols)
+    cell_h, cell_w = h * zoom, w * zoom
+    canvas = Image.new("RGB", (left + cols * (cell_w + pad), top + rows * (cell_h + pad)), "white")
+    for k, a in enumerate(to_uint8_hwc(images)):
+        tile = Image.fromarray(a).resize((cell_w, cell_h), Image.NEAREST)
+        canvas.paste(tile, (left + (k % cols) * (cell_w + pad), top + (k // cols) * (cell_h + pad)))
+    return canvas

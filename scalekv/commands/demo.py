@@ -174,13 +174,14 @@ def table(rows: list[DemoRow]) -> str:
 
 def grid_image(rows: list[DemoRow], col_titles: list[str], zoom: int = 4):
     """One PIL image: a title column with each row's label, then the row's images upscaled ``zoom`` times."""
-    from PIL import Image, ImageDraw
+    import torch
+    from PIL import ImageDraw
 
-    from ..images import to_uint8_hwc
+    from ..images import tile_grid
 
     b, _, h, w = rows[0].images.shape
     cell_h, cell_w, pad, left, top = h * zoom, w * zoom, 2, 190, 16
-    canvas = Image.new("RGB", (left + b * (cell_w + pad), top + len(rows) * (cell_h + pad)), "white")
+    canvas = tile_grid(torch.cat([r.images for r in rows]), b, zoom, pad, left, top)
     draw = ImageDraw.Draw(canvas)
     for j, title in enumerate(col_titles):
         draw.text((left + j * (cell_w + pad) + 2, 2), title[:14], fill="black")
@@ -189,10 +190,6 @@ def grid_image(rows: list[DemoRow], col_titles: list[str], zoom: int = 4):
         draw.text((4, y + cell_h // 2 - 12), r.label, fill="black")
         if r.budget is not None:
             draw.text((4, y + cell_h // 2 + 2), f"PSNR {r.psnr:.1f} dB SSIM {r.ssim:.2f}", fill="gray")
-        arr = to_uint8_hwc(r.images)
-        for j, a in enumerate(arr):
-            tile = Image.fromarray(a).resize((cell_w, cell_h), Image.NEAREST)
-            canvas.paste(tile, (left + j * (cell_w + pad), y))
     return canvas
 
 

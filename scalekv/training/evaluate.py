@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_write
-from ..images import to_uint8, to_uint8_hwc
+from ..images import tile_grid, to_uint8
 from ..metrics import InceptionFeatures, frechet_distance
 
 
@@ -49,15 +49,7 @@ def generate_per_class(pipe, per_class: int, num_classes: int, batch_size: int, 
 def save_grid(images: torch.Tensor, rows: int, path: str | Path, zoom: int = 3) -> None:
     """Write ``images`` ``(rows * cols, 3, H, W)`` in [0, 1] as one PNG, row-major, upscaled ``zoom`` times."""
 
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    cols = n // rows
-    arr = to_uint8_hwc(images)
-    canvas = Image.new("RGB", (cols * (w * zoom + 2), rows * (h * zoom + 2)), "white")
-    for k in range(rows * cols):
-        tile = Image.fromarray(arr[k]).resize((w * zoom, h * zoom), Image.NEAREST)
-        canvas.paste(tile, ((k % cols) * (w * zoom + 2), (k // cols) * (h * zoom + 2)))
+    canvas = tile_grid(images[: (images.shape[0] // rows) * rows], images.shape[0] // rows, zoom)
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
