@@ -6,7 +6,7 @@ statistics; save them with :meth:`HeadStats.save`. Only the conditional rows are
 in chunks of queries, so no full attention matrix of a long sequence is held.
 
 Reproduce the shipped demo file with
-``scalekv calibrate --model demo --method hack --budget 1 --out scalekv/weights/demo/plans/head_stats.json``
+``scalekv calibrate --model demo --method hack --out scalekv/weights/demo/plans/head_stats.json``
 (``--method heatkv`` and ``ams_kv`` write the same file: one pass measures all three).
 """
 
@@ -126,10 +126,9 @@ def run_cli(args) -> int:
     """``scalekv calibrate --method hack|heatkv|ams_kv``: the head statistics of a VAR model (labels cycling over
     the classes, ``--samples`` images) written to ``--out``; the budget does not enter them."""
     from ..calibration.calibrate import bound_generate, default_inputs
-    from ..hub import default_sampling, load_pipeline
-    from ..infinity_pipeline import infinity_names
+    from ..hub import PROMPTS, default_sampling, input_kind, load_pipeline
 
-    if args.model in infinity_names():
+    if input_kind(args.model) == PROMPTS:
         raise ValueError(f"--method {args.method} calibrates VAR models here; {args.model!r} is an Infinity model")
     if args.samples < 1 or args.batch_size < 1:
         raise ValueError(f"--samples {args.samples} / --batch-size {args.batch_size}: expected positive integers")

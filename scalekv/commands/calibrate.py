@@ -28,9 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--budget",
         type=float,
-        required=True,
-        help="KV budget fraction in (0, 1], e.g. 0.1; a budget that keeps the whole prefix (1.0) gives the "
-        "keep-everything plan without a calibration pass",
+        help="KV budget fraction in (0, 1], e.g. 0.1 (required for --method asi, unused otherwise); a budget that "
+        "keeps the whole prefix (1.0) gives the keep-everything plan without a calibration pass",
     )
     p.add_argument("--samples", type=int, default=16, help="VAR: calibration images, labels cycling (default 16)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -133,6 +132,8 @@ def check_args(args: argparse.Namespace) -> Path:
     if not args.no_plots:
         for path in plot_paths(out):  # replaced along with the plan (see --out)
             check_output_file(path, flag="plot", owned=lambda p: p.suffix == ".png", expected="a PNG file name")
+    if args.budget is None:
+        raise ValueError("--budget is required for a ScaleKV plan (--method asi), e.g. --budget 0.1")
     check_budget(args.budget)
     for name in ("samples", "batch_size"):
         value = getattr(args, name)
