@@ -200,7 +200,7 @@ def test_calibration_measures_every_head_and_drives_the_policies(tmp_path):
 
 def test_the_cli_writes_the_statistics_the_policies_read(tmp_path):
     out = tmp_path / "demo_stats.json"
-    argv = ["calibrate", "--model", "demo", "--method", "hack", "--budget", "1", "--samples", "1", "--out", str(out)]
+    argv = ["calibrate", "--model", "demo", "--method", "hack", "--samples", "1", "--out", str(out)]
     assert main(argv) == 0
     data = json.loads(out.read_text())
     assert data["format"] == "scalekv-head-stats/1" and len(data["sigma"]) == 6

@@ -270,3 +270,9 @@ def test_a_scored_window_competes_with_the_other_tokens(pipe):
     window = cache._window(scale, k.device) + scale.start
     assert all(bool(torch.isin(window, row).all()) for row in kept[True].flatten(0, 1))
     assert not torch.equal(kept[True], kept[False])
+
+
+def test_budget_is_required_for_a_plan_and_refused_missing_before_loading(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["calibrate", "--model", "demo", "--out", str(out)]) == 2
+    assert "--budget is required for a ScaleKV plan" in capsys.readouterr().err and not out.exists()
