@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from .base import CacheLayout, Scale
-from .head_stats import HeadStats, check_fraction, check_pairs, load_head_stats
-from .head_store import HeadStore
+from .head_stats import HeadStats, check_fraction, check_pairs
 from .plan import Plan, build_plan
-from .policy import Policy, positive_int
+from .policy import HeadAwarePolicy, positive_int
 from .registry import register
 
 # Chosen by measurement on the demo model (docs/head_aware.md); PEERS §3.2 gives no values (hand-set per model).
@@ -20,7 +19,7 @@ DEFAULT_RATIO = 2.0
 
 
 @register
-class AMSKV(Policy):
+class AMSKV(HeadAwarePolicy):
     """AMS-KV at equal memory.
 
     Cache-demanding layers (the ``demanding_share`` of layers with the lowest inter-scale key ``similarity`` of a
@@ -31,7 +30,7 @@ class AMSKV(Policy):
     known after any number of cuts."""
 
     name = "ams_kv"
-    default_store = HeadStore
+    title = "AMS-KV"
 
     def __init__(
         self,
@@ -43,13 +42,7 @@ class AMSKV(Policy):
         ratio: float = DEFAULT_RATIO,
         condensed: int = 2,
     ) -> None:
-        if (calibration is None) == (demanding is None):
-            raise ValueError(
-                "AMS-KV needs exactly one of calibration=<head statistics file> and demanding=[layer, ...] "
-                "(make the statistics with `scalekv calibrate --method ams_kv`)"
-            )
-        super().__init__(budget)
-        self.stats = load_head_stats(calibration) if calibration is not None else None
+        super().__init__(budget, calibration, demanding, "demanding=[layer, ...]")
         self.demanding = [p[0] for p in check_pairs("demanding", demanding, 1)] if demanding is not None else None
         self.demanding_share = check_fraction("demanding_share", demanding_share, low_open=False)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:

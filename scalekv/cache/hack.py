@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from .base import CacheLayout, Scale
-from .head_stats import HeadStats, check_fraction, check_pairs, load_head_stats
-from .head_store import HeadStore
+from .head_stats import HeadStats, check_fraction, check_pairs
 from .plan import Plan, head_plan
-from .policy import Policy, attention_mass, positive_int
+from .policy import HeadAwarePolicy, attention_mass, positive_int
 from .registry import register
 
 # Chosen by measurement on the demo model (docs/head_aware.md): the share of heads that are contextual and the
@@ -28,7 +27,7 @@ def observation_queries(n: int, count: int) -> torch.Tensor:
 
 
 @register
-class HACK(Policy):
+class HACK(HeadAwarePolicy):
     """HACK at equal memory, on a per-head store.
 
     Heads are contextual or structural: the ``alpha`` share of all heads with the lowest column variance ``sigma``
@@ -43,7 +42,7 @@ class HACK(Policy):
     evicted tokens at the last compression is not done."""
 
     name = "hack"
-    default_store = HeadStore
+    title = "HACK"
 
     def __init__(
         self,
@@ -55,13 +54,7 @@ class HACK(Policy):
         contextual_share: float = DEFAULT_CONTEXTUAL_SHARE,
         queries: int = 32,
     ) -> None:
-        if (calibration is None) == (contextual is None):
-            raise ValueError(
-                "HACK needs exactly one of calibration=<head statistics file> and contextual=[[layer, head], ...] "
-                "(make the statistics with `scalekv calibrate --method hack`)"
-            )
-        super().__init__(budget)
-        self.stats = load_head_stats(calibration) if calibration is not None else None
+        super().__init__(budget, calibration, contextual, "contextual=[[layer, head], ...]")
         self.contextual = check_pairs("contextual", contextual, 2) if contextual is not None else None
         self.alpha = check_fraction("alpha", alpha, low_open=False)
         self.contextual_share = check_fraction("contextual_share", contextual_share, high_open=False)

@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from .base import CacheLayout, Scale
-from .head_stats import HeadStats, load_head_stats
-from .head_store import HeadStore
+from .head_stats import HeadStats
 from .plan import Plan, average_capacity, plan_from_heads
-from .policy import Policy, positive_int
+from .policy import HeadAwarePolicy, positive_int
 from .registry import register
 
 
@@ -26,7 +25,7 @@ def nested_ranks(n: int) -> torch.Tensor:
 
 
 @register
-class HeatKV(Policy):
+class HeatKV(HeadAwarePolicy):
     """HeatKV at equal memory, on a per-head store.
 
     Every (layer, head) keeps the first ``protected`` scales; for every later source scale, the (layer, head) pairs
@@ -39,7 +38,7 @@ class HeatKV(Policy):
     exceed ``B``, they are cut too, newest first, every head keeping at least its first token."""
 
     name = "heatkv"
-    default_store = HeadStore
+    title = "HeatKV"
 
     def __init__(
         self,
@@ -49,13 +48,7 @@ class HeatKV(Policy):
         *,
         protected: int = 3,
     ) -> None:
-        if (calibration is None) == (seed is None):
-            raise ValueError(
-                "HeatKV needs exactly one of calibration=<head statistics file> and seed=<int> (random removal "
-                "orders; make the statistics with `scalekv calibrate --method heatkv`)"
-            )
-        super().__init__(budget)
-        self.stats = load_head_stats(calibration) if calibration is not None else None
+        super().__init__(budget, calibration, seed, "seed=<int>", note="random removal orders; ")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed={seed!r}: expected a non-negative integer")
         self.seed = seed

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import CacheLayout, KVCache, LayerKV, Scale
+from .head_store import HeadStore
 from .plan import Plan, uniform_plan
 from .settings import check_pooling, positive_int  # noqa: F401  (policies import them from here)
 
@@ -48,6 +49,26 @@ class Policy(KVCache):
 
     def capacity(self, layer: int, scale: Scale) -> int | tuple[int, ...]:
         return self._capacities[scale.index][layer]
+
+
+class HeadAwarePolicy(Policy):
+    """A policy that gives heads their own counts (a per-head store) from per-head statistics: a statistics file
+    (``calibration``, made by ``scalekv calibrate --method <name>``) or, instead, an explicit stand-in the subclass
+    names (``explicit``, described by ``wanted`` in the error, after an optional ``note``)."""
+
+    default_store = HeadStore
+    title = ""  # the policy's name in errors
+
+    def __init__(self, budget, calibration, explicit, wanted: str, note: str = "") -> None:
+        if (calibration is None) == (explicit is None):
+            raise ValueError(
+                f"{self.title} needs exactly one of calibration=<head statistics file> and {wanted} "
+                f"({note}make the statistics with `scalekv calibrate --method {self.name}`)"
+            )
+        super().__init__(budget)
+        from .head_stats import load_head_stats
+
+        self.stats = load_head_stats(calibration) if calibration is not None else None
 
 
 class ScoredPolicy(Policy):
