@@ -181,7 +181,7 @@ def plan_from_stats(
     compressed = [] if first is None else list(range(first, len(scales) - 1))
     pairs = len(compressed) * layers
     if num_drafters is None:
-        num_drafters = default_num_drafters(len(compressed), layers) if layers > 1 else 0
+        num_drafters = _default_drafters(stats, budget)
     if isinstance(num_drafters, bool) or not isinstance(num_drafters, int) or not 0 <= num_drafters <= pairs:
         raise ValueError(
             f"num_drafters={num_drafters!r}: expected an integer in 0..{pairs} "
@@ -357,7 +357,8 @@ def calibrate(
         on_batch=keep_images if search != "off" else None,
     )
     extra = {"seed": seed, "seeding": seeding, "generate": {k: v for k, v in generate_kwargs.items() if _is_plain(v)}}
-    pinned = {k: v for k, v in selection.items()}
+    pinned = dict(selection)
+    default_nd = _default_drafters(stats, budget)
     for key, value in (("combine", combine), ("drafters", num_drafters), ("refiners", refiners)):
         if value is not None:
             pinned[key] = value
@@ -385,7 +386,7 @@ def calibrate(
         scoring=selection.get("scoring", DEFAULT_SCORING[sel]),
         keep_window=selection.get("keep_window", True),
         refiners=refiners or (PAPER_REFINER_START, PAPER_REFINER_END),
-        drafters=num_drafters if num_drafters is not None else _default_drafters(stats, budget),
+        drafters=num_drafters if num_drafters is not None else default_nd,
         combine=combine or DEFAULT_COMBINE,
     )
     if search == "off":
@@ -405,7 +406,7 @@ def calibrate(
         lambda plan, setting: make_cache("scalekv", plan=plan),
         mode=search,
         start=start,
-        default_drafters=_default_drafters(stats, budget),
+        default_drafters=default_nd,
         pinned=pinned,
         progress=report,
     )
