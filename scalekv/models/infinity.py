@@ -28,7 +28,7 @@ from torch import nn
 from ..cache.base import CacheLayout, KVCache, compute_dtype
 from ..checkpoint import CheckpointError
 from ..schedules import Scale, ScaleSchedule
-from .layers import FFN
+from .layers import FFN, QKVAttention
 
 
 @dataclass(frozen=True)
@@ -197,20 +197,14 @@ def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).mul(scale.add(1)).add_(shift)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(QKVAttention):
     """Cosine attention: q and k L2-normalised, q scaled per head by ``exp(min(scale_mul, log 100))``, 2-D RoPE
     on both, softmax with scale 1."""
 
     def __init__(self, cfg: InfinityConfig, layer: int) -> None:
-        super().__init__()
-        c, self.num_heads, self.head_dim, self.layer = cfg.embed_dim, cfg.num_heads, cfg.head_dim, layer
-        self.mat_qkv = nn.Linear(c, 3 * c, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(c))
-        self.v_bias = nn.Parameter(torch.zeros(c))
-        self.register_buffer("zero_k_bias", torch.zeros(c))
+        super().__init__(cfg.embed_dim, cfg.num_heads, cfg.head_dim, layer)
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, self.num_heads, 1, 1), 4.0).log())
         self.max_scale_mul = math.log(100.0)
-        self.proj = nn.Linear(c, c)
 
     def forward(
         self,
@@ -223,19 +217,11 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``x`` (B, n, C); ``rope`` (2, n, head_dim/2) for these tokens; ``mask`` (n, n) boolean (True = attend)
         for teacher forcing, or ``cache`` + ``scale`` for cached inference. Returns (B, n, C)."""
-        b, n, c = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, hd)
+        q, k, v = self.qkv(x)  # each (B, H, n, hd)
         scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         q = apply_rope(F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul), rope)
         k = apply_rope(F.normalize(k, dim=-1, eps=1e-12), rope)
-        if cache is not None:
-            out = cache.attend(self.layer, scale, q, k, v)
-            cache.compress(self.layer, scale, q)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.attend(q, k, v, 1.0, mask, cache, scale)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..cache.base import CacheLayout, KVCache, compute_dtype
 from ..schedules import Scale, make_scales
-from .layers import FFN
+from .layers import FFN, QKVAttention
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,9 @@ VAR_PRESETS: dict[str, VARConfig] = {
 }
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(QKVAttention):
     def __init__(self, cfg: VARConfig, layer: int) -> None:
-        super().__init__()
-        c, self.num_heads, self.head_dim, self.layer = cfg.embed_dim, cfg.num_heads, cfg.head_dim, layer
-        self.mat_qkv = nn.Linear(c, 3 * c, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(c))
-        self.v_bias = nn.Parameter(torch.zeros(c))
-        self.register_buffer("zero_k_bias", torch.zeros(c))
+        super().__init__(cfg.embed_dim, cfg.num_heads, cfg.head_dim, layer)
         self.l2_norm = cfg.attn_l2_norm
         if self.l2_norm:
             self.scale = 1.0
@@ -84,7 +79,6 @@ class SelfAttention(nn.Module):
             self.max_scale_mul = math.log(100.0)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
-        self.proj = nn.Linear(c, c)
 
     def forward(
         self,
@@ -94,19 +88,11 @@ class SelfAttention(nn.Module):
         cache: KVCache | None = None,
         scale: Scale | None = None,
     ) -> torch.Tensor:
-        b, n, c = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, hd)
+        q, k, v = self.qkv(x)  # each (B, H, n, hd)
         if self.l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
             k = F.normalize(k, dim=-1)
-        if cache is not None:
-            out = cache.attend(self.layer, scale, q, k, v)
-            cache.compress(self.layer, scale, q)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.attend(q, k, v, self.scale, mask, cache, scale)
 
 
 class AdaLNBlock(nn.Module):

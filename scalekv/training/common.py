@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..atomic import atomic_write_text
 
@@ -128,6 +129,25 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+def scheduled_steps(opt: torch.optim.Optimizer, cfg: OptimConfig, start: int, progress: bool, desc: str):
+    """Steps ``start .. cfg.steps - 1``, each after setting its learning rate; a tqdm bar when ``progress``.
+    Yields ``(step, bar)``."""
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=desc, dynamic_ncols=True
+    )
+    for step in bar:
+        set_lr(opt, cfg.lr_at(step))
+        yield step, bar
+
+
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float = 2.0) -> None:
+    """Backpropagate ``loss``, clip the gradient norm to ``clip`` and step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
 
 
 def make_adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

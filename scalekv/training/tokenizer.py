@@ -14,10 +14,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..models.vqvae import VQVAE, MultiScaleQuantizer, VQVAEConfig
-from .common import OptimConfig, Run, batch_indices, config_to_json, make_adamw, set_lr, step_generator
+from .common import (
+    OptimConfig,
+    Run,
+    batch_indices,
+    config_to_json,
+    make_adamw,
+    optimizer_step,
+    scheduled_steps,
+    step_generator,
+)
 
 
 @dataclass
@@ -117,26 +125,14 @@ def train_tokenizer(
             pick = torch.randint(0, z.shape[0], (cfg.vocab_size,), generator=step_generator(opt_cfg.seed, -1))
             vae.quantize.embedding.weight.copy_(z[pick] * 0.5)
     vae.train()
-    bar = tqdm(
-        range(start, opt_cfg.steps),
-        initial=start,
-        total=opt_cfg.steps,
-        disable=not progress,
-        desc="tokenizer",
-        dynamic_ncols=True,
-    )
     t0 = time.perf_counter() - seconds
-    for step in bar:
-        set_lr(opt, opt_cfg.lr_at(step))
+    for step, bar in scheduled_steps(opt, opt_cfg, start, progress, "tokenizer"):
         x = images[batch_indices(images.shape[0], opt_cfg.batch_size, step, opt_cfg.seed)]
         out = quantize_train(vae.quantize, vae.encode(x), beta)
         rec = vae.decoder(vae.post_quant_conv(out.f_hat))
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         loss = rec_loss + out.vq_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 2.0)
-        opt.step()
+        optimizer_step(vae, opt, loss)
         usage += out.hits
         restarted = 0
         if (step + 1) % restart_every == 0:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..atomic import atomic_write_text
 from ..checkpoint import save_state_file
@@ -27,7 +26,8 @@ from .common import (
     config_from_json,
     config_to_json,
     make_adamw,
-    set_lr,
+    optimizer_step,
+    scheduled_steps,
     step_generator,
 )
 
@@ -167,26 +167,14 @@ def train_var(
     opt = make_adamw(model, opt_cfg)
     start, seconds, _ = run.resume(model, opt)
     model.train()
-    bar = tqdm(
-        range(start, opt_cfg.steps),
-        initial=start,
-        total=opt_cfg.steps,
-        disable=not progress,
-        desc="var",
-        dynamic_ncols=True,
-    )
     t0, ema = time.perf_counter() - seconds, None
-    for step in bar:
-        set_lr(opt, opt_cfg.lr_at(step))
+    for step, bar in scheduled_steps(opt, opt_cfg, start, progress, "var"):
         sel = batch_indices(tokens.shape[0], opt_cfg.batch_size, step, opt_cfg.seed)
         y = labels[sel].clone()
         drop = torch.rand(y.shape, generator=step_generator(opt_cfg.seed, step)) < cond_drop
         y[drop] = cfg.num_classes
         loss = var_loss(model, vae, tokens[sel], y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
+        optimizer_step(model, opt, loss)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         done = step + 1
         if progress:
