@@ -3,9 +3,14 @@
 Computed: the cache's ``kv_bytes_peak`` (scalekv.generation: the store's one allocation plus its copy scratch).
 Measured, from the moment just before generation to the end of the last scale (before the decoder runs):
 
-* CPU: the process's peak RSS above its level just before generation (``VmHWM`` after resetting it through
-  ``/proc/self/clear_refs``), once with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows live tensors,
-  once with the default allocator (freed blocks stay in the heap);
+* CPU: torch's own allocation count, the CPU counterpart of CUDA's ``max_memory_allocated``: the generation runs
+  under ``torch.profiler`` with ``profile_memory=True`` and the figure is the largest running total of the bytes
+  torch has allocated (its ``[memory]`` events) above the total at the start, up to the end of the last scale. This
+  is the headline figure (``allocated``): it counts live tensors exactly, whatever the C allocator does with freed
+  blocks. Beside it, in separate runs without the profiler, the process's peak RSS above its level just before
+  generation (``VmHWM`` after resetting it through ``/proc/self/clear_refs``), once with glibc's
+  ``MALLOC_MMAP_THRESHOLD_=65536`` so that RSS follows live tensors more closely, once with the default allocator
+  (freed blocks stay in the heap); RSS also counts heap fragmentation and varies by a few percent between runs;
 * CUDA (``--device cuda``): ``max_memory_allocated`` and ``max_memory_reserved`` above their level before generation.
 
 A generation also holds activations that no cache choice changes (the current scale's hidden states, q/k/v, the
@@ -104,7 +109,7 @@ def child(spec: dict) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base_alloc, base_res = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-    else:
+    elif not spec.get("profile"):
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         base = _status_kib("VmRSS")
     release = cache.release
@@ -114,13 +119,45 @@ def child(spec: dict) -> dict:
             torch.cuda.synchronize(device)
             measured["allocated"] = torch.cuda.max_memory_allocated(device) - base_alloc
             measured["reserved"] = torch.cuda.max_memory_reserved(device) - base_res
+        elif spec.get("profile"):
+            with torch.profiler.record_function(END_MARK):
+                pass
         else:
             measured["rss"] = (_status_kib("VmHWM") - base) * 1024
         release()
 
     cache.release = measure_then_release
-    gen = generate(cache)
+    if spec.get("profile"):
+        gen, measured["allocated"] = _profiled_peak(lambda: generate(cache))
+    else:
+        gen = generate(cache)
     return {"computed": gen.kv_bytes_peak, "reference": gen.kv_bytes_reference, **measured}
+
+
+END_MARK = "scalekv_bench_last_scale_done"
+
+
+def _profiled_peak(run):
+    """``(run(), peak)``: ``run()`` under the profiler, and the largest running total of torch's CPU allocations
+    (its ``[memory]`` events' ``Total Allocated``) above the total just before the first, up to the
+    :data:`END_MARK` event."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    ends = [e["ts"] for e in events if e.get("name") == END_MARK]
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    mem = [e for e in mem if ends and e["ts"] <= ends[0]]
+    if not mem:
+        raise RuntimeError("the profiler recorded no allocation before the end of the last scale")
+    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return result, max(e["args"]["Total Allocated"] for e in mem) - start
 
 
 # -- the parent: one fresh process per run ---------------------------------------------------------------------
@@ -159,29 +196,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     cuda = args.device.startswith("cuda")
-    settings = [("allocator", {})] if cuda else [("mmap", MMAP_ENV), ("default", {})]
+    # (label, environment, extra child settings, measured key); the first is the headline figure
+    if cuda:
+        settings = [("allocator", {}, {}, "allocated")]
+    else:
+        settings = [("allocated", {}, {"profile": True}, "allocated"), ("mmap", MMAP_ENV, {}, "rss")]
+        settings.append(("default", {}, {}, "rss"))
     base = {"model": args.model, "device": args.device, "threads": args.threads}
-    floor = {label: run_child({**base, "policy": "floor", "budget": None}, env) for label, env in settings}
-    key = "allocated" if cuda else "rss"
+    floor = {
+        label: run_child({**base, **extra, "policy": "floor", "budget": None}, env) for label, env, extra, _ in settings
+    }
     print(f"# {args.model} on {args.device}, {args.threads} thread(s), torch {torch.__version__}; one process per run")
-    for label, _ in settings:
+    for label, _, _, key in settings:
         f = floor[label]
         print(f"# floor ({label}): computed {f['computed'] / 2**20:.2f} MiB, measured {f[key] / 2**20:.2f} MiB")
     head = "| policy | budget | computed peak | peak / reference |"
-    for label, _ in settings:
+    for label, _, _, key in settings:
         head += f" {key} delta ({label}) | ratio | KV measured ({label}) | ratio |"
     print(head + (" reserved delta | ratio |" if cuda else ""))
     print("|---" * head.count("|") + "|")
     rows = []
     for name, budget in runs:
         spec = {**base, "policy": name, "budget": budget}
-        got = {label: run_child(spec, env) for label, env in settings}
+        got = {label: run_child({**spec, **extra}, env) for label, env, extra, _ in settings}
         first = got[settings[0][0]]
         computed = first["computed"]
         line = f"| {name} | {'-' if budget is None else budget} | {computed / 2**20:.2f} MiB | "
         line += f"{computed / first['reference']:.3f} |"
         row = {"policy": name, "budget": budget, "computed_peak_bytes": computed, "reference_bytes": first["reference"]}
-        for label, _ in settings:
+        for label, _, _, key in settings:
             raw = got[label][key]
             kv = raw - floor[label][key] + floor[label]["computed"]
             line += f" {raw / 2**20:.2f} MiB | {raw / computed:.2f} | {kv / 2**20:.2f} MiB | {kv / computed:.2f} |"

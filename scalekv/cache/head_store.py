@@ -10,11 +10,12 @@ Every kept token carries its source position in the generation (``positions[h]``
 :meth:`HeadLayer.source_scales` gives the scale index), gathered along with K and V, so a policy can tell scales
 apart after any number of cuts. The tags are bookkeeping, not KV: they are not counted in the KV bytes.
 
-The attention over heads of different lengths (:func:`ragged_attention`) runs, on CPU, one SDPA over all heads
-when they agree and one per head otherwise (``"auto"``, measured fastest there: docs/head_aware.md), or one call
-over all heads on CUDA (``"pad"``: one SDPA over the heads padded to the longest with a mask, only for the
-attention; ``"flex"``: one FlexAttention call over the packed heads). The mode is :data:`ATTENTION_MODE` per device
-type unless the store is made with ``attention=...``.
+The attention over heads of different lengths (:func:`ragged_attention`) runs, on CPU, one SDPA per head written
+into one output (``"loop"``: no head's K/V is ever copied, and one head's output exists twice at most; ``"auto"``
+stacks the heads into one SDPA when their lengths agree, ~6% faster there but at the cost of a copy of the layer's
+K/V: docs/head_aware.md), or one call over all heads on CUDA (``"pad"``: one SDPA over the heads padded to the
+longest with a mask, only for the attention; ``"flex"``: one FlexAttention call over the packed heads). The mode is
+:data:`ATTENTION_MODE` per device type unless the store is made with ``attention=...``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from .store import KVStore
 
 ATTENTION_MODES = ("auto", "group", "loop", "pad", "flex")
-ATTENTION_MODE = {"cpu": "auto", "cuda": "pad"}  # the default per device type (others: "auto")
+ATTENTION_MODE = {"cpu": "loop", "cuda": "pad"}  # the default per device type (others: "loop")
 
 
 def check_attention_mode(mode: str) -> str:
@@ -61,27 +62,27 @@ def ragged_attention(
     if mode == "auto":
         mode = "group" if len(set(lengths)) == 1 else "loop"
     if mode == "loop" or (mode == "group" and len(set(lengths)) == heads):
-        out = q.new_empty(q.shape)  # written head by head: one head's result exists twice at most
+        # Written head by head into (rows, n, heads, D), returned as a (rows, heads, n, D) view: one head's result
+        # exists twice at most, and the model's transpose back to (rows, n, heads * D) is a view, not a copy.
+        rows, _, n, dim = q.shape
+        out = q.new_empty(rows, n, heads, dim)
         for h in range(heads):
-            out[:, h : h + 1] = F.scaled_dot_product_attention(q[:, h : h + 1], ks[h], vs[h], scale=softmax_scale)
-        return out
+            out[:, :, h] = F.scaled_dot_product_attention(q[:, h : h + 1], ks[h], vs[h], scale=softmax_scale)[:, 0]
+        return out.transpose(1, 2)
     if mode == "group":
         groups: dict[int, list[int]] = {}
         for h, n in enumerate(lengths):
             groups.setdefault(n, []).append(h)
         if len(groups) == 1:
             return F.scaled_dot_product_attention(q, torch.cat(ks, 1), torch.cat(vs, 1), scale=softmax_scale)
-        out = q.new_empty(q.shape)
+        rows, _, n, dim = q.shape
+        out = q.new_empty(rows, n, heads, dim)  # as in "loop": the model's transpose back is a view
         for members in groups.values():
-            if len(members) == 1:
-                h = members[0]
-                out[:, h : h + 1] = F.scaled_dot_product_attention(q[:, h : h + 1], ks[h], vs[h], scale=softmax_scale)
-                continue
             idx = torch.tensor(members, device=q.device)
             k = torch.cat([ks[h] for h in members], 1)
             v = torch.cat([vs[h] for h in members], 1)
-            out[:, idx] = F.scaled_dot_product_attention(q[:, idx], k, v, scale=softmax_scale)
-        return out
+            out[:, :, idx] = F.scaled_dot_product_attention(q[:, idx], k, v, scale=softmax_scale).transpose(1, 2)
+        return out.transpose(1, 2)
     if mode == "pad":
         longest = max(lengths)
         rows, _, _, dim = q.shape
@@ -190,7 +191,7 @@ class HeadLayer:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool, softmax_scale: float):
         """Open the current map and attend over every head's history plus the map: ``(rows, heads, n, D)``."""
         ks, vs = self.open_heads(k, v, last)
-        mode = self.store.attention or ATTENTION_MODE.get(q.device.type, "auto")
+        mode = self.store.attention or ATTENTION_MODE.get(q.device.type, "loop")
         return ragged_attention(q, ks, vs, softmax_scale, mode)
 
     def keep(self, index) -> None:
