@@ -36,6 +36,23 @@ def test_every_registered_policy_is_in_the_demo():
     assert settings[0] == ("full", None, {})
     assert sorted({name for name, _, _ in settings}) == sorted(POLICIES)
     assert len(settings) == 1 + len(BUDGETS) * (len(POLICIES) - 1)
+    two = cache_settings([0.1, 0.2])
+    assert len(two) == 1 + 2 * (len(POLICIES) - 1) and {b for _, b, _ in two[1:]} == {0.1, 0.2}
+    for bad in ([], [0.0], [1.5]):
+        with pytest.raises(ValueError, match="budget"):
+            cache_settings(bad)
+
+
+@pytest.mark.parametrize("budgets", ["0", "0.1,x", "2"])
+def test_demo_refuses_bad_budgets_before_loading(budgets, tmp_path, capsys):
+    out = tmp_path / "out"
+    try:  # argparse refuses what is not a list of numbers (SystemExit), the command the fractions out of range
+        code = main(["demo", "--budgets", budgets, "--weights", str(tmp_path / "absent"), "--out", str(out)])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and "Traceback" not in err and not out.exists()
 
 
 @pytest.fixture(scope="module")

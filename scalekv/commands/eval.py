@@ -6,7 +6,9 @@ import argparse
 import json
 
 
-def _csv(kind, what: str):
+def comma_separated(kind, what: str):
+    """An argparse type: a comma-separated list of ``kind`` values, one error naming the text otherwise."""
+
     def parse(text: str) -> list:
         try:
             return [kind(s) for s in text.split(",") if s.strip()]
@@ -45,11 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file with evaluation settings (the flags below override it)")
     p.add_argument("--model", help="model name, e.g. demo, var-d16 or infinity-2b")
     p.add_argument("--weights", help="folder with the model's checkpoint files")
-    p.add_argument("--policies", type=_csv(str, "policy names"), help="default: every registered policy")
-    p.add_argument("--budgets", type=_csv(float, "fractions"), help="KV budget fractions (default 0.04,0.1,0.2)")
+    p.add_argument("--policies", type=comma_separated(str, "policy names"), help="default: every registered policy")
+    p.add_argument("--budgets", type=comma_separated(float, "fractions"), help="KV budget fractions (default 0.04,0.1,0.2)")
     p.add_argument(
         "--kv-bits",
-        type=_csv(int, "bit widths"),
+        type=comma_separated(int, "bit widths"),
         dest="kv_bits",
         help="bit widths of the stored K/V, crossed with every policy and budget, e.g. 16,8,4 (default 16: the "
         "compute dtype); the full cache at 8 or 4 bits is a row of its own, the reference stays at 16",
