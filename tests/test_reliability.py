@@ -468,7 +468,8 @@ def test_eval_policy_options_keep_the_shipped_plan_unless_a_plan_is_given(tmp_pa
 
     with_grid = cache({"grid": 2})
     assert with_grid.grid == 2 and with_grid.fixed_plan == load_plan(shipped)
-    other = rule_plan(make_scales([(p, p) for p in (1, 2, 3, 4, 5, 6, 8, 10, 12)]), 6, 0.1, [1], model="demo")
+    depth = json.loads((DEMO_DIR / "config.json").read_text())["var"]["depth"]
+    other = rule_plan(make_scales([(p, p) for p in (1, 2, 3, 4, 5, 6, 8, 10, 12)]), depth, 0.1, [1], model="demo")
     other.save(tmp_path / "mine.json")
     assert cache({"plan": str(tmp_path / "mine.json")}).fixed_plan == other
     by_rule = cache({"drafters": [0]})
