@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                     refiner_end=cfg["refiner_end"],
                 )
             except ValueError as e:  # e.g. so many drafters that a scale has no refiner left: reported, not run
-                results.append({"block": block, "setting": label, "psnr": float("nan"), "ssim": float("nan")})
+                results.append(
+                    {"block": block, "setting": label, "psnr": float("nan"), "ssim": float("nan"), "error": str(e)}
+                )
                 print(f"{block:10s} {label:40s} not possible: {e}", flush=True)
                 continue
             cache = make_cache("scalekv", plan=plan, **{k: cfg[k] for k in SELECTION_KEYS if k in cfg})
@@ -174,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in results:
         drafters = ", ".join(f"{k}: {v}" for k, v in r.get("drafters", {}).items()) or "—"
+        if "error" in r:
+            lines.append(f"| {r['block']} | {r['setting']} | not possible: {r['error']} | | |")
+            continue
         lines.append(f"| {r['block']} | {r['setting']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {drafters} |")
     text = "\n".join(lines)
     print(text)
