@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 
+from scalekv.cli import main
 from scalekv.data import DatasetMissingError, load_fashion_mnist, load_images
 from scalekv.hub import load_pipeline
 from scalekv.models import VQVAE
@@ -150,3 +152,27 @@ def test_export_loads_by_name_and_generates_what_the_run_generates(trained_tiny,
     assert a.images.shape == (3, 3, 12, 12)
     with pytest.raises(ValueError, match="incomplete"):
         load_pipeline("demo", str(tmp_path))
+
+
+def test_training_continues_from_an_exported_folder(fake_root, trained_tiny, tmp_path, capsys):
+    """An export keeps the tokenizer's encoder, so `train var --from-export` restarts from the exported weights
+    (a fresh optimiser) with no run folder; a decode-only export is refused by name."""
+    from scalekv.training.transformer import load_export
+
+    export_demo(trained_tiny / "tok", trained_tiny / "var", tmp_path / "demo")
+    vae, var = load_export(tmp_path / "demo")
+    images, labels = _images(fake_root)
+    assert vae.cfg.with_encoder and len(vae.img_to_idx(images[:2])) == len(vae.cfg.patch_nums)
+    tiny_opt = OptimConfig(steps=1, batch_size=8, lr=1e-12, warmup=1)
+    cont = train_var(var.cfg, tiny_opt, vae, images, labels, tmp_path / "r", init=var, progress=False)
+    fresh = train_var(var.cfg, tiny_opt, vae, images, labels, tmp_path / "f", progress=False)
+    for (name, a), b, c in zip(cont.state_dict().items(), var.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)  # lr 1e-12: still the exported weights
+    assert any(not torch.allclose(b, c) for b, c in zip(var.state_dict().values(), fresh.state_dict().values()))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["init"] == "given weights"
+
+    export_demo(trained_tiny / "tok", trained_tiny / "var", tmp_path / "dec", with_encoder=False)
+    argv = ["train", "var", "--preset", "tiny", "--from-export", str(tmp_path / "dec"), "--run", str(tmp_path / "x")]
+    assert main([*argv, "--data-root", str(fake_root)]) == 2
+    err = capsys.readouterr().err
+    assert "decode-only" in err and str(tmp_path / "dec") in err and "Traceback" not in err

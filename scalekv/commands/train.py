@@ -39,7 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(run=run_tokenizer)
     v = stages.add_parser("var", help="train the class-conditional VAR on a trained tokenizer's tokens")
     common(v)
-    v.add_argument("--tokenizer", required=True, help="the tokenizer's run folder")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tokenizer", help="the tokenizer's run folder")
+    src.add_argument(
+        "--from-export",
+        dest="from_export",
+        help="continue from an exported model folder (e.g. scalekv/weights/demo): its tokenizer (exported with its "
+        "encoder) and its transformer's weights, with a fresh optimiser and schedule",
+    )
     v.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null class (for CFG)")
     v.set_defaults(run=run_var)
     e = stages.add_parser("export", help="write the trained weights + config as a loadable model folder")
@@ -139,12 +146,16 @@ def run_tokenizer(args: argparse.Namespace) -> int:
 
 def run_var(args: argparse.Namespace) -> int:
     from ..training.presets import VAR_OPTIM, VAR_TRAIN_PRESETS
-    from ..training.transformer import load_tokenizer_run, train_var
+    from ..training.transformer import load_export, load_tokenizer_run, train_var
 
     _check_run(args)
     opt_cfg = _optim(args, VAR_OPTIM)
     cfg = VAR_TRAIN_PRESETS[args.preset]
-    vae = load_tokenizer_run(args.tokenizer)
+    init = None
+    if args.from_export is not None:
+        vae, init = load_export(args.from_export)
+    else:
+        vae = load_tokenizer_run(args.tokenizer)
     images, labels = _train_images(args, vae.cfg.image_size)
     train_var(
         cfg,
@@ -156,6 +167,8 @@ def run_var(args: argparse.Namespace) -> int:
         cond_drop=args.cond_drop,
         save_every=args.save_every,
         progress=not args.no_progress,
+        init=init,
+        init_source=str(args.from_export or ""),
     )
     print(f"VAR trained: {args.run_dir}/last.pt")
     return 0

@@ -58,6 +58,20 @@ def load_var_run(run_dir: str | Path) -> VAR:
     return _load_run_model(run_dir, "var", VARConfig, VAR)[0]
 
 
+def load_export(folder: str | Path) -> tuple[VQVAE, VAR]:
+    """The tokenizer and transformer of a folder written by :func:`export_demo` (e.g. the shipped demo model), to
+    continue training from: the tokenizer must have been exported with its encoder."""
+    from ..hub import load_pipeline
+
+    pipe = load_pipeline("demo", str(folder))
+    if not pipe.vae.cfg.with_encoder:
+        raise ValueError(
+            f"{str(folder)!r} holds a decode-only tokenizer (exported without its encoder): it cannot tokenise "
+            "training images; export again from the tokenizer's run folder"
+        )
+    return pipe.vae.eval(), pipe.model.eval()
+
+
 @torch.no_grad()
 def tokenize(vae: VQVAE, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Token ids of every scale, concatenated scale-major: ``(N, L)`` int16 for images ``(N, C, H, W)``."""
@@ -137,8 +151,14 @@ def train_var(
     cond_drop: float = 0.1,
     save_every: int = 100,
     progress: bool = True,
+    init: VAR | None = None,
+    init_source: str = "",
 ) -> VAR:
-    """Train (or resume) a VAR on the tokens of ``images`` (N, C, H, W) with ``labels`` (N,); returns it in eval."""
+    """Train (or resume) a VAR on the tokens of ``images`` (N, C, H, W) with ``labels`` (N,); returns it in eval.
+
+    ``init``: start from this model's weights instead of VAR's initialisation (a fresh optimiser and schedule: a
+    warm restart), recorded in the run's config as ``init_source``; a run that resumes continues from its own
+    checkpoint."""
     if (cfg.vocab_size, cfg.z_channels, tuple(cfg.patch_nums)) != (
         vae.cfg.vocab_size,
         vae.cfg.z_channels,
@@ -151,7 +171,12 @@ def train_var(
         raise ValueError(f"labels span [{labels.min()}, {labels.max()}], expected ids in [0, {cfg.num_classes - 1}]")
     torch.manual_seed(opt_cfg.seed)
     model = VAR(cfg)
-    init_var_for_training(model)
+    if init is None:
+        init_var_for_training(model)
+    elif init.cfg != cfg:
+        raise ValueError(f"the initial weights' config {init.cfg} is not the preset's {cfg}")
+    else:
+        model.load_state_dict(init.state_dict())
     run = Run(
         run_dir,
         {
@@ -160,6 +185,7 @@ def train_var(
             "optim": config_to_json(opt_cfg),
             "cond_drop": cond_drop,
             "examples": int(images.shape[0]),
+            **({"init": init_source or "given weights"} if init is not None else {}),
         },
     )
     vae = vae.eval().requires_grad_(False)
@@ -186,11 +212,16 @@ def train_var(
 
 
 def export_demo(
-    tokenizer_run: str | Path, var_run: str | Path, out: str | Path, sampling: dict | None = None
+    tokenizer_run: str | Path,
+    var_run: str | Path,
+    out: str | Path,
+    sampling: dict | None = None,
+    with_encoder: bool = True,
 ) -> list[Path]:
-    """Write ``var.safetensors``, ``vae.safetensors`` (decoder side only, float32) and ``config.json`` into ``out``:
-    the folder :func:`scalekv.hub.load_pipeline` reads for ``"demo"``. ``sampling`` (``cfg``, ``top_k``,
-    ``top_p``) is stored as the model's default sampling settings, which ``scalekv demo`` uses."""
+    """Write ``var.safetensors``, ``vae.safetensors`` (float32) and ``config.json`` into ``out``: the folder
+    :func:`scalekv.hub.load_pipeline` reads for ``"demo"``. ``sampling`` (``cfg``, ``top_k``, ``top_p``) is stored
+    as the model's default sampling settings, which ``scalekv demo`` uses. ``with_encoder``: keep the tokenizer's
+    encoder (not needed to generate), so that training can continue from the exported folder alone."""
     from ..generation import check_sampling
 
     sampling = dict(sampling or {"cfg": 1.5, "top_k": 900, "top_p": 0.96})
@@ -201,10 +232,12 @@ def export_demo(
     var, var_step, var_sec = _load_run_model(var_run, "var", VARConfig, VAR)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    vae_state = {k: v for k, v in vae.state_dict().items() if not k.startswith(("encoder.", "quant_conv."))}
+    vae_state = vae.state_dict()
+    if not with_encoder:
+        vae_state = {k: v for k, v in vae_state.items() if not k.startswith(("encoder.", "quant_conv."))}
     meta = {
         "var": config_to_json(var.cfg),
-        "vae": {**config_to_json(vae.cfg), "with_encoder": False},
+        "vae": {**config_to_json(vae.cfg), "with_encoder": with_encoder},
         "sampling": sampling,
         "training": {
             "tokenizer_steps": vae_step,
