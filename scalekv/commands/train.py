@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = stages.add_parser("var", help="train the class-conditional VAR on a trained tokenizer's tokens")
     common(v)
     src = v.add_mutually_exclusive_group(required=True)
-    src.add_argument("--tokenizer", help="the tokenizer's run folder")
+    src.add_argument("--tokenizer", help="the tokenizer: its run folder, or an exported model folder")
     src.add_argument(
         "--from-export",
         dest="from_export",
@@ -50,7 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null class (for CFG)")
     v.set_defaults(run=run_var)
     e = stages.add_parser("export", help="write the trained weights + config as a loadable model folder")
-    e.add_argument("--tokenizer", required=True, help="the tokenizer's run folder")
+    e.add_argument(
+        "--tokenizer", required=True, help="the tokenizer: its run folder, or an exported model folder"
+    )
     e.add_argument("--var", required=True, help="the VAR's run folder")
     e.add_argument(
         "--out",
@@ -62,7 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--top-p", type=float, default=0.96, help="default top-p stored with the model (0: off)")
     e.set_defaults(run=run_export)
     m = stages.add_parser("evaluate", help="measure the demo model: tokenizer PSNR and FID vs the test split")
-    m.add_argument("--tokenizer", required=True, help="the tokenizer's run folder (its encoder is not shipped)")
+    m.add_argument(
+        "--tokenizer",
+        required=True,
+        help="the tokenizer (its encoder measures reconstruction): its run folder, or an exported model folder",
+    )
     m.add_argument("--weights", help="exported model folder (default: the one shipped in the package)")
     m.add_argument("--samples", type=int, default=1000, help="generated images for FID (100 per class for 1000)")
     m.add_argument("--ref-images", type=int, default=1000, help="test-split images for the FID reference")

@@ -48,9 +48,23 @@ def _load_run_model(run_dir: str | Path, stage: str, cls_cfg, cls_model):
     return model.eval(), int(state["step"]), float(state["seconds"])
 
 
-def load_tokenizer_run(run_dir: str | Path) -> VQVAE:
-    """The tokenizer of a ``scalekv train tokenizer`` run folder (its latest checkpoint), in eval mode."""
-    return _load_run_model(run_dir, "tokenizer", VQVAEConfig, VQVAE)[0]
+def _tokenizer_with_record(source: str | Path) -> tuple[VQVAE, int, float]:
+    """The tokenizer of a run folder (its latest checkpoint) or of an exported folder (with its encoder), with the
+    training steps and seconds behind it."""
+    folder = Path(source)
+    if (folder / "vae.safetensors").is_file():
+        from ..checkpoint import read_json
+
+        record = read_json(folder / "config.json", "exported model config").get("training", {})
+        vae = load_export(folder)[0]
+        return vae, int(record.get("tokenizer_steps", 0)), float(record.get("tokenizer_seconds", 0.0))
+    return _load_run_model(folder, "tokenizer", VQVAEConfig, VQVAE)
+
+
+def load_tokenizer_run(source: str | Path) -> VQVAE:
+    """The tokenizer of a ``scalekv train tokenizer`` run folder (its latest checkpoint) or of a folder written by
+    :func:`export_demo` with its encoder (e.g. the shipped demo model), in eval mode."""
+    return _tokenizer_with_record(source)[0]
 
 
 def load_var_run(run_dir: str | Path) -> VAR:
@@ -228,7 +242,7 @@ def export_demo(
     if sorted(sampling) != ["cfg", "top_k", "top_p"]:
         raise ValueError(f"sampling {sampling}: expected exactly the keys cfg, top_k, top_p")
     check_sampling(**sampling)
-    vae, vae_step, vae_sec = _load_run_model(tokenizer_run, "tokenizer", VQVAEConfig, VQVAE)
+    vae, vae_step, vae_sec = _tokenizer_with_record(tokenizer_run)
     var, var_step, var_sec = _load_run_model(var_run, "var", VARConfig, VAR)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
