@@ -15,6 +15,7 @@ from scalekv.cache.heatkv import nested_ranks
 from scalekv.cache.plan import INFINITY_1M_SQUARE, average_capacity, first_compressed_scale
 from scalekv.calibration.heads import collect_head_stats
 from scalekv.cli import main
+from scalekv.hub import load_pipeline
 
 from .helpers import HEAD_AWARE_KWARGS, tiny_pipeline
 
@@ -203,7 +204,9 @@ def test_the_cli_writes_the_statistics_the_policies_read(tmp_path):
     argv = ["calibrate", "--model", "demo", "--method", "hack", "--samples", "1", "--out", str(out)]
     assert main(argv) == 0
     data = json.loads(out.read_text())
-    assert data["format"] == "scalekv-head-stats/1" and len(data["sigma"]) == 6
+    demo = load_pipeline("demo").model.cfg
+    assert data["format"] == "scalekv-head-stats/1" and len(data["sigma"]) == demo.depth
+    assert all(len(row) == demo.num_heads for row in data["sigma"])
 
 
 @pytest.mark.parametrize(
@@ -226,8 +229,9 @@ def test_bad_arguments_are_refused_before_any_work(name, kwargs, match):
 
 def test_a_calibration_for_another_model_is_refused_at_reset():
     pipe = tiny_pipeline(depth=2)
+    demo = load_pipeline("demo").model.cfg
     cache = make_cache("heatkv", budget=0.1, calibration="scalekv/weights/demo/plans/head_stats.json")
-    with pytest.raises(ValueError, match="6 layers x 2 heads"):
+    with pytest.raises(ValueError, match=f"{demo.depth} layers x {demo.num_heads} heads"):
         pipe.generate([1], cache=cache)
 
 

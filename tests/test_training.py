@@ -166,13 +166,14 @@ def test_training_continues_from_an_exported_folder(fake_root, trained_tiny, tmp
     tiny_opt = OptimConfig(steps=1, batch_size=8, lr=1e-12, warmup=1)
     cont = train_var(var.cfg, tiny_opt, vae, images, labels, tmp_path / "r", init=var, progress=False)
     fresh = train_var(var.cfg, tiny_opt, vae, images, labels, tmp_path / "f", progress=False)
-    for (name, a), b, c in zip(cont.state_dict().items(), var.state_dict().values(), fresh.state_dict().values()):
+    for (name, a), b in zip(cont.state_dict().items(), var.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)  # lr 1e-12: still the exported weights
-    assert any(not torch.allclose(b, c) for b, c in zip(var.state_dict().values(), fresh.state_dict().values()))
+    pairs = zip(var.state_dict().values(), fresh.state_dict().values(), strict=True)
+    assert any(not torch.allclose(b, c) for b, c in pairs)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["init"] == "given weights"
     # the export can stand in for the tokenizer's run folder when exporting again (same tokenizer weights)
     export_demo(tmp_path / "demo", tmp_path / "r", tmp_path / "again")
-    for a, b in zip(load_export(tmp_path / "again")[0].state_dict().values(), vae.state_dict().values()):
+    for a, b in zip(load_export(tmp_path / "again")[0].state_dict().values(), vae.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
     export_demo(trained_tiny / "tok", trained_tiny / "var", tmp_path / "dec", with_encoder=False)

@@ -114,9 +114,10 @@ def run_demo(
     """Generate ``labels`` under every cache setting; the first row is the full cache (the reference). ``model``
     and ``weights`` (as given to ``load_pipeline``) locate ScaleKV's shipped plans; ``seeding`` is the
     ``generate`` option (image ``i`` seeded ``seed + i``, or one generator for the batch); ``kv_bits`` (8 or 4)
-    quantises the stored K/V of every policy row (each at every fraction in ``budgets``), the full-cache reference row staying at 16 bits; the per-head
-    policies, whose store is not quantised, are then left out. Where the model ships no head statistics, the
-    head-aware policies' are measured once, on the same images ScaleKV's plan would be calibrated on."""
+    quantises the stored K/V of every policy row (each at every fraction in ``budgets``), the full-cache
+    reference row staying at 16 bits; the per-head policies, whose store is not quantised, are then left out.
+    Where the model ships no head statistics, the head-aware policies' are measured once, on the same images
+    ScaleKV's plan would be calibrated on."""
     from ..cache import POLICIES, KVStore, make_cache
     from ..calibration.calibrate import bound_generate, calibrate, default_inputs
     from ..calibration.heads import collect_head_stats

@@ -48,7 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name, e.g. demo, var-d16 or infinity-2b")
     p.add_argument("--weights", help="folder with the model's checkpoint files")
     p.add_argument("--policies", type=comma_separated(str, "policy names"), help="default: every registered policy")
-    p.add_argument("--budgets", type=comma_separated(float, "fractions"), help="KV budget fractions (default 0.04,0.1,0.2)")
+    p.add_argument(
+        "--budgets", type=comma_separated(float, "fractions"), help="KV budget fractions (default 0.04,0.1,0.2)"
+    )
     p.add_argument(
         "--kv-bits",
         type=comma_separated(int, "bit widths"),

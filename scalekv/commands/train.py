@@ -50,9 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null class (for CFG)")
     v.set_defaults(run=run_var)
     e = stages.add_parser("export", help="write the trained weights + config as a loadable model folder")
-    e.add_argument(
-        "--tokenizer", required=True, help="the tokenizer: its run folder, or an exported model folder"
-    )
+    e.add_argument("--tokenizer", required=True, help="the tokenizer: its run folder, or an exported model folder")
     e.add_argument("--var", required=True, help="the VAR's run folder")
     e.add_argument(
         "--out",
