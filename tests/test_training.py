@@ -157,14 +157,17 @@ def test_export_loads_by_name_and_generates_what_the_run_generates(trained_tiny,
 def test_training_continues_from_an_exported_folder(fake_root, trained_tiny, tmp_path, capsys):
     """An export keeps the tokenizer's encoder, so `train var --from-export` restarts from the exported weights
     (a fresh optimiser) with no run folder; a decode-only export is refused by name."""
-    from scalekv.training.transformer import load_export
+    from scalekv.training.transformer import exported_training, load_export
 
     export_demo(trained_tiny / "tok", trained_tiny / "var", tmp_path / "demo")
     vae, var = load_export(tmp_path / "demo")
+    first = exported_training(tmp_path / "demo")
     images, labels = _images(fake_root)
     assert vae.cfg.with_encoder and len(vae.img_to_idx(images[:2])) == len(vae.cfg.patch_nums)
     tiny_opt = OptimConfig(steps=1, batch_size=8, lr=1e-12, warmup=1)
-    cont = train_var(var.cfg, tiny_opt, vae, images, labels, tmp_path / "r", init=var, progress=False)
+    cont = train_var(
+        var.cfg, tiny_opt, vae, images, labels, tmp_path / "r", init=var, init_training=first, progress=False
+    )
     fresh = train_var(var.cfg, tiny_opt, vae, images, labels, tmp_path / "f", progress=False)
     for (name, a), b in zip(cont.state_dict().items(), var.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)  # lr 1e-12: still the exported weights
@@ -173,6 +176,9 @@ def test_training_continues_from_an_exported_folder(fake_root, trained_tiny, tmp
     assert json.loads((tmp_path / "r" / "config.json").read_text())["init"] == "given weights"
     # the export can stand in for the tokenizer's run folder when exporting again (same tokenizer weights)
     export_demo(tmp_path / "demo", tmp_path / "r", tmp_path / "again")
+    record = exported_training(tmp_path / "again")  # the warm restart's export counts the steps before it
+    assert record["var_runs"] == [first["var_steps"], 1] and record["var_steps"] == first["var_steps"] + 1
+    assert record["var_seconds"] >= first["var_seconds"]
     for a, b in zip(load_export(tmp_path / "again")[0].state_dict().values(), vae.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 

@@ -150,14 +150,15 @@ def run_tokenizer(args: argparse.Namespace) -> int:
 
 def run_var(args: argparse.Namespace) -> int:
     from ..training.presets import VAR_OPTIM, VAR_TRAIN_PRESETS
-    from ..training.transformer import load_export, load_tokenizer_run, train_var
+    from ..training.transformer import exported_training, load_export, load_tokenizer_run, train_var
 
     _check_run(args)
     opt_cfg = _optim(args, VAR_OPTIM)
     cfg = VAR_TRAIN_PRESETS[args.preset]
-    init = None
+    init = init_training = None
     if args.from_export is not None:
         vae, init = load_export(args.from_export)
+        init_training = exported_training(args.from_export)
     else:
         vae = load_tokenizer_run(args.tokenizer)
     images, labels = _train_images(args, vae.cfg.image_size)
@@ -173,6 +174,7 @@ def run_var(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         init=init,
         init_source=str(args.from_export or ""),
+        init_training=init_training,
     )
     print(f"VAR trained: {args.run_dir}/last.pt")
     return 0

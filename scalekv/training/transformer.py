@@ -86,6 +86,17 @@ def load_export(folder: str | Path) -> tuple[VQVAE, VAR]:
     return pipe.vae.eval(), pipe.model.eval()
 
 
+def exported_training(folder: str | Path) -> dict:
+    """The training record (``config.json``'s ``training``: steps and seconds of each stage) of a folder written by
+    :func:`export_demo`, which a warm restart from it carries forward so that the next export counts all of it."""
+    from ..checkpoint import read_json
+
+    record = read_json(Path(folder) / "config.json", "exported model config").get("training")
+    if not isinstance(record, dict) or not isinstance(record.get("var_steps"), int):
+        raise ValueError(f"{str(folder)!r}: its config.json has no training record (expected 'training.var_steps')")
+    return record
+
+
 @torch.no_grad()
 def tokenize(vae: VQVAE, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Token ids of every scale, concatenated scale-major: ``(N, L)`` int16 for images ``(N, C, H, W)``."""
@@ -167,12 +178,14 @@ def train_var(
     progress: bool = True,
     init: VAR | None = None,
     init_source: str = "",
+    init_training: dict | None = None,
 ) -> VAR:
     """Train (or resume) a VAR on the tokens of ``images`` (N, C, H, W) with ``labels`` (N,); returns it in eval.
 
     ``init``: start from this model's weights instead of VAR's initialisation (a fresh optimiser and schedule: a
     warm restart), recorded in the run's config as ``init_source``; a run that resumes continues from its own
-    checkpoint."""
+    checkpoint. ``init_training``: the training record behind ``init`` (:func:`exported_training`), kept in the run's
+    config so that :func:`export_demo` reports the steps and seconds of every run that made the weights."""
     if (cfg.vocab_size, cfg.z_channels, tuple(cfg.patch_nums)) != (
         vae.cfg.vocab_size,
         vae.cfg.z_channels,
@@ -200,6 +213,7 @@ def train_var(
             "cond_drop": cond_drop,
             "examples": int(images.shape[0]),
             **({"init": init_source or "given weights"} if init is not None else {}),
+            **({"init_training": init_training} if init_training is not None else {}),
         },
     )
     vae = vae.eval().requires_grad_(False)
@@ -244,6 +258,10 @@ def export_demo(
     check_sampling(**sampling)
     vae, vae_step, vae_sec = _tokenizer_with_record(tokenizer_run)
     var, var_step, var_sec = _load_run_model(var_run, "var", VARConfig, VAR)
+    from ..checkpoint import read_json
+
+    before = read_json(Path(var_run) / "config.json", "var run config").get("init_training") or {}
+    var_runs = [*before.get("var_runs", [before["var_steps"]] if "var_steps" in before else []), var_step]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     vae_state = vae.state_dict()
@@ -256,8 +274,9 @@ def export_demo(
         "training": {
             "tokenizer_steps": vae_step,
             "tokenizer_seconds": round(vae_sec),
-            "var_steps": var_step,
-            "var_seconds": round(var_sec),
+            "var_steps": sum(var_runs),
+            "var_seconds": round(var_sec) + before.get("var_seconds", 0),
+            "var_runs": var_runs,  # steps of each run, warm restarts from an export after the first
         },
     }
     paths = [folder / "var.safetensors", folder / "vae.safetensors", folder / "config.json"]
