@@ -250,6 +250,7 @@ def export_demo(
     :func:`scalekv.hub.load_pipeline` reads for ``"demo"``. ``sampling`` (``cfg``, ``top_k``, ``top_p``) is stored
     as the model's default sampling settings, which ``scalekv demo`` uses. ``with_encoder``: keep the tokenizer's
     encoder (not needed to generate), so that training can continue from the exported folder alone."""
+    from ..checkpoint import read_json
     from ..generation import check_sampling
 
     sampling = dict(sampling or {"cfg": 1.5, "top_k": 900, "top_p": 0.96})
@@ -258,10 +259,10 @@ def export_demo(
     check_sampling(**sampling)
     vae, vae_step, vae_sec = _tokenizer_with_record(tokenizer_run)
     var, var_step, var_sec = _load_run_model(var_run, "var", VARConfig, VAR)
-    from ..checkpoint import read_json
-
+    # a warm restart from an export carries that export's record: count every run behind these weights
     before = read_json(Path(var_run) / "config.json", "var run config").get("init_training") or {}
-    var_runs = [*before.get("var_runs", [before["var_steps"]] if "var_steps" in before else []), var_step]
+    earlier = before.get("var_runs") or ([before["var_steps"]] if "var_steps" in before else [])
+    var_runs = [*earlier, var_step]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     vae_state = vae.state_dict()
