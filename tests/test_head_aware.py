@@ -219,12 +219,28 @@ def test_the_cli_writes_the_statistics_the_policies_read(tmp_path):
         ("heatkv", {}, "exactly one of calibration"),
         ("heatkv", {"seed": -1}, "seed=-1"),
         ("heatkv", {"calibration": "missing.json"}, "does not exist"),
-        ("hack", {"contextual": [[0, 0]], "kv_bits": 8}, "kv_bits=8"),
+        ("hack", {"contextual": [[0, 0]], "kv_bits": 8, "store": HeadStore}, "a custom store cannot be quantised"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_cache(name, budget=0.1, **kwargs)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_per_head_policies_hold_snapkvs_history_bytes(bits):
+    """kv_bits on a per-head policy quantises every head's arena alike: the same history bytes as SnapKV at the
+    same bits, and how many tokens every layer keeps does not depend on how they are stored."""
+    pipe = tiny_pipeline(depth=3)
+    snap = pipe.generate([1, 2], seed=3, cache=make_cache("snapkv", budget=0.2, kv_bits=bits))
+    for name in HEAD_AWARE:
+        plain_cache, cache = policy(name, 0.2), policy(name, 0.2, kv_bits=bits)
+        plain = pipe.generate([1, 2], seed=3, cache=plain_cache)
+        gen = pipe.generate([1, 2], seed=3, cache=cache)
+        assert abs(gen.kv_bytes_history - snap.kv_bytes_history) <= snap.kv_bytes_history // 20, name
+        assert gen.kv_bytes_history < plain.kv_bytes_history * (0.6 if bits == 8 else 0.35), name
+        assert cache.scale_lengths == plain_cache.scale_lengths, name
+        assert torch.isfinite(gen.images).all()
 
 
 def test_a_calibration_for_another_model_is_refused_at_reset():

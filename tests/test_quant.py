@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalekv.cache import POLICIES, KVStore, make_cache
+from scalekv.cache import POLICIES, HeadStore, KVStore, make_cache
 from scalekv.cache.quant_store import (
     QuantizedKVStore,
     dequantize,
@@ -15,7 +15,7 @@ from scalekv.cache.quant_store import (
     unpack4,
 )
 from scalekv.metrics import psnr
-from tests.helpers import tiny_pipeline
+from tests.helpers import HEAD_AWARE_KWARGS, tiny_pipeline
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -58,7 +58,7 @@ def _run(pipe, name, labels=(0, 1, 2, 3), **kw):
     budget = {} if name == "full" else {"budget": 0.3}
     if name == "scalekv":
         budget["drafters"] = [0]
-    cache = make_cache(name, **budget, **kw)
+    cache = make_cache(name, **budget, **HEAD_AWARE_KWARGS.get(name, {}), **kw)
     gen = pipe.generate(list(labels), cache=cache, seed=0, cfg=1.5, top_k=0, top_p=0.0, greedy=True)
     return gen, cache
 
@@ -102,13 +102,18 @@ def test_sixteen_bits_is_todays_store_bit_for_bit(pipe):
     assert plain.stats()["kv_bytes_peak"] == sixteen.stats()["kv_bytes_peak"]
 
 
-@pytest.mark.parametrize("name", sorted(n for n in POLICIES if POLICIES[n].default_store is KVStore))
+@pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_runs_quantised_close_to_sixteen_bits(pipe, name):
-    """Every policy on the per-layer store (the per-head policies refuse kv_bits: tests/test_head_aware.py)."""
+    """Every policy: the per-layer ones on one quantised store, the per-head ones (HACK, AMS-KV, HeatKV) on a
+    per-head store whose every head's arena is quantised."""
     ref, _ = _run(pipe, name)
     q8, c8 = _run(pipe, name, kv_bits=8)
     q4, c4 = _run(pipe, name, kv_bits=4)
-    assert isinstance(c8.store, QuantizedKVStore) and c8.store.bits == 8 and c4.store.bits == 4
+    for cache, bits in ((c8, 8), (c4, 4)):
+        per_head = POLICIES[name].default_store is HeadStore
+        assert isinstance(cache.store, HeadStore) == per_head
+        arenas = cache.store.per_head if per_head else [cache.store]
+        assert all(isinstance(a, QuantizedKVStore) and a.bits == bits for a in arenas)
     for gen in (q8, q4):
         assert torch.isfinite(gen.images).all() and gen.images.shape == ref.images.shape
     p8, p4 = psnr(q8.images, ref.images).mean().item(), psnr(q4.images, ref.images).mean().item()

@@ -142,7 +142,10 @@ class KVCache:
         channels per group (default min(32, head_dim); checked against head_dim at reset), ``kv_keys`` how keys are
         grouped: ``"token"`` (default, along head_dim like values) or ``"channel"`` (``kv_group`` tokens per channel),
         ``kv_sinks`` how many of the earliest tokens of every (row, head) a layer holds are stored one step finer
-        (4 -> 8 bits, 8 -> the compute dtype; default 1). An explicit ``store`` cannot be combined with 8 or 4 bits."""
+        (4 -> 8 bits, 8 -> the compute dtype; default 1); a per-head policy quantises each head's arena of its
+        :class:`~scalekv.cache.head_store.HeadStore` alike. An explicit ``store`` cannot be combined with 8 or 4
+        bits."""
+        from .head_store import HeadStore
         from .quant_store import QuantizedKVStore, check_kv_bits, check_kv_keys, check_kv_sinks, group_size
 
         if store is not None and not callable(store):
@@ -160,10 +163,10 @@ class KVCache:
             self.kv_sinks = check_kv_sinks(kv_sinks)
         if store is not None and self.kv_bits != 16:
             raise ValueError(f"store={store!r} with kv_bits={self.kv_bits}: a custom store cannot be quantised")
-        if self.kv_bits != 16 and self.default_store is not KVStore:
+        if self.kv_bits != 16 and self.default_store not in (KVStore, HeadStore):
             raise ValueError(
-                f"kv_bits={self.kv_bits}: the {self.name!r} policy keeps its heads in a per-head store, which is not "
-                "quantised; expected kv_bits=16"
+                f"kv_bits={self.kv_bits}: the {self.name!r} policy stores in {self.default_store.__name__}, which "
+                "is not quantised; expected kv_bits=16"
             )
         if store is not None:
             self.store_class = store
@@ -181,7 +184,14 @@ class KVCache:
                 def quantized(layout, held):
                     return QuantizedKVStore(layout, held, bits=bits, group=group, keys=keys, sinks=sinks)
 
-                self.store_class = quantized
+                if self.default_store is HeadStore:  # every head's arena quantised alike
+
+                    def per_head_quantized(layout, held):
+                        return HeadStore(layout, held, head_store=quantized)
+
+                    self.store_class = per_head_quantized
+                else:
+                    self.store_class = quantized
         self.timing = timing
         return self
 

@@ -21,7 +21,7 @@ longest with a mask, only for the attention; ``"flex"``: one FlexAttention call 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -221,9 +221,14 @@ class HeadLayer:
 class HeadStore:
     """Per-head storage (see the module notes): ``held[k][l]`` is one count or one count per head.
 
-    ``attention``: the ragged attention mode (:data:`ATTENTION_MODES`); default per device type."""
+    ``attention``: the ragged attention mode (:data:`ATTENTION_MODES`); default per device type. ``head_store``:
+    the store each head's arena is, called as ``head_store(one_head_layout, counts)``: :class:`KVStore` (default), or
+    a quantised one (``make_cache(..., kv_bits=8)`` on a per-head policy passes
+    :class:`~scalekv.cache.quant_store.QuantizedKVStore` with its settings)."""
 
-    def __init__(self, layout, held: Sequence[Sequence], *, attention: str | None = None) -> None:
+    def __init__(
+        self, layout, held: Sequence[Sequence], *, attention: str | None = None, head_store: Callable = KVStore
+    ) -> None:
         if len(held) != len(layout.scales) - 1 or any(len(r) != layout.num_layers for r in held):
             raise ValueError(
                 f"held lengths for {len(held)} scales; expected {len(layout.scales) - 1} non-last scales x "
@@ -233,12 +238,17 @@ class HeadStore:
         heads = layout.num_heads
         per = [[head_counts(e, heads) for e in row] for row in held]
         one = dataclasses.replace(layout, num_heads=1)
-        self.per_head = [KVStore(one, [[e[h] for e in row] for row in per]) for h in range(heads)]
+        self.per_head = [head_store(one, [[e[h] for e in row] for row in per]) for h in range(heads)]
         self.scales = layout.scales
         self._ends: dict[torch.device, torch.Tensor] = {}
         self.layers = [HeadLayer(self, layer) for layer in range(layout.num_layers)]
         self.peak_bytes = sum(s.peak_bytes for s in self.per_head)
         self.allocated_bytes = sum(s.allocated_bytes for s in self.per_head)
+
+    @property
+    def codec_seconds(self) -> float:
+        """Time the heads' quantised arenas spent quantising and dequantising (0 for plain arenas)."""
+        return sum(getattr(s, "codec_seconds", 0.0) for s in self.per_head)
 
     def scale_ends(self, device: torch.device) -> torch.Tensor:
         if device not in self._ends:

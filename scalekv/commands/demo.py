@@ -115,10 +115,10 @@ def run_demo(
     and ``weights`` (as given to ``load_pipeline``) locate ScaleKV's shipped plans; ``seeding`` is the
     ``generate`` option (image ``i`` seeded ``seed + i``, or one generator for the batch); ``kv_bits`` (8 or 4)
     quantises the stored K/V of every policy row (each at every fraction in ``budgets``), the full-cache
-    reference row staying at 16 bits; the per-head policies, whose store is not quantised, are then left out.
+    reference row staying at 16 bits (the per-head policies quantise each head's arena alike).
     Where the model ships no head statistics, the head-aware policies' are measured once, on the same images
     ScaleKV's plan would be calibrated on."""
-    from ..cache import POLICIES, KVStore, make_cache
+    from ..cache import make_cache
     from ..calibration.calibrate import bound_generate, calibrate, default_inputs
     from ..calibration.heads import collect_head_stats
     from ..hub import HEAD_AWARE, policy_defaults
@@ -129,8 +129,6 @@ def run_demo(
     rows: list[DemoRow] = []
     head_stats = None
     for name, budget, options in cache_settings(budgets):
-        if kv_bits != 16 and POLICIES[name].default_store is not KVStore:
-            continue
         if budget is None:
             cache = make_cache(name)
         else:
