@@ -29,6 +29,7 @@ bytes alive at once, the store's allocation and its scratch), tokens and bytes e
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -184,14 +185,9 @@ class KVCache:
                 def quantized(layout, held):
                     return QuantizedKVStore(layout, held, bits=bits, group=group, keys=keys, sinks=sinks)
 
-                if self.default_store is HeadStore:  # every head's arena quantised alike
-
-                    def per_head_quantized(layout, held):
-                        return HeadStore(layout, held, head_store=quantized)
-
-                    self.store_class = per_head_quantized
-                else:
-                    self.store_class = quantized
+                # a per-head policy keeps its HeadStore, every head's arena quantised alike
+                per_head = self.default_store is HeadStore
+                self.store_class = functools.partial(HeadStore, head_store=quantized) if per_head else quantized
         self.timing = timing
         return self
 
